@@ -1,0 +1,26 @@
+//! # tessera-core
+//!
+//! The foundation every Tessera kernel crate builds on:
+//!
+//! * [`Error`] / [`Result`]: the one error type of every public kernel;
+//! * [`shape`]: validation of lengths, leading dimensions and products (checked arithmetic),
+//!   so a kernel can refuse bad input with an `Err` before it touches memory;
+//! * [`dtype`]: the element types a kernel may read ([`f32`], [`half::f16`], [`half::bf16`]);
+//! * [`MatRef`] / [`MatMut`]: a slice plus an explicit row-major shape and leading dimension
+//!   (no tensor type is imposed on the caller);
+//! * [`reference`]: the oracle for every kernel, written as plainly as possible, with f64
+//!   accumulation, never optimized and never shared with the fast paths.
+#![deny(unsafe_op_in_unsafe_fn)]
+#![warn(missing_docs)]
+
+pub mod dtype;
+mod error;
+mod mat;
+pub mod reference;
+pub mod shape;
+
+pub use dtype::{DType, Element};
+pub use error::{Error, Result};
+pub use mat::{MatMut, MatRef, Transpose};
+
+pub use half::{bf16, f16};

@@ -1,0 +1,9 @@
+//! Reference kernels: the oracle every fast path is tested against.
+//!
+//! Plain loops, f64 accumulation, no blocking, no SIMD, no `unsafe`. They validate their
+//! input exactly as the fast kernels do and follow the same documented conventions, so
+//! that a property test can compare results element by element.
+
+mod gemm;
+
+pub use gemm::{gemm, gemm_magnitude};

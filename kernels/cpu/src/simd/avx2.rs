@@ -1,0 +1,114 @@
+//! AVX2 + FMA + F16C: eight f32 lanes in a `__m256`.
+
+use super::Simd;
+use half::{bf16, f16};
+use std::arch::x86_64::*;
+
+/// x86-64 with AVX2, FMA and F16C (the Tessera x86 baseline).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Avx2;
+
+// SAFETY: only used inside `#[target_feature(enable = "avx2,fma,f16c")]` functions reached after
+// `Isa::Avx2` was detected; pointer methods touch exactly 8 elements, as the trait requires.
+unsafe impl Simd for Avx2 {
+    const LANES: usize = 8;
+    type V = __m256;
+
+    #[inline(always)]
+    unsafe fn zero() -> __m256 {
+        // SAFETY: AVX is available (trait contract).
+        unsafe { _mm256_setzero_ps() }
+    }
+    #[inline(always)]
+    unsafe fn splat(x: f32) -> __m256 {
+        // SAFETY: AVX is available.
+        unsafe { _mm256_set1_ps(x) }
+    }
+    #[inline(always)]
+    unsafe fn load(p: *const f32) -> __m256 {
+        // SAFETY: the caller guarantees 8 readable floats.
+        unsafe { _mm256_loadu_ps(p) }
+    }
+    #[inline(always)]
+    unsafe fn store(p: *mut f32, v: __m256) {
+        // SAFETY: the caller guarantees 8 writable floats.
+        unsafe { _mm256_storeu_ps(p, v) }
+    }
+    #[inline(always)]
+    unsafe fn fma(a: __m256, b: __m256, c: __m256) -> __m256 {
+        // SAFETY: FMA is available.
+        unsafe { _mm256_fmadd_ps(a, b, c) }
+    }
+    #[inline(always)]
+    unsafe fn mul(a: __m256, b: __m256) -> __m256 {
+        // SAFETY: AVX is available.
+        unsafe { _mm256_mul_ps(a, b) }
+    }
+    #[inline(always)]
+    unsafe fn add(a: __m256, b: __m256) -> __m256 {
+        // SAFETY: AVX is available.
+        unsafe { _mm256_add_ps(a, b) }
+    }
+    #[inline(always)]
+    unsafe fn reduce_sum(v: __m256) -> f32 {
+        // SAFETY: AVX/SSE3 are available.
+        unsafe {
+            let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+            let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+            let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+            _mm_cvtss_f32(s)
+        }
+    }
+    #[inline(always)]
+    unsafe fn load_f16(p: *const f16) -> __m256 {
+        // SAFETY: 8 readable halves (16 bytes); F16C is available.
+        unsafe { _mm256_cvtph_ps(_mm_loadu_si128(p.cast())) }
+    }
+    #[inline(always)]
+    unsafe fn load_bf16(p: *const bf16) -> __m256 {
+        // SAFETY: 8 readable bf16 (16 bytes); widening u16 -> u32 and shifting left by 16
+        // gives the f32 with the same top bits, which is exactly the bf16 value.
+        unsafe {
+            let w = _mm256_cvtepu16_epi32(_mm_loadu_si128(p.cast()));
+            _mm256_castsi256_ps(_mm256_slli_epi32::<16>(w))
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn transpose_store(rows: &[__m256], out: *mut f32, stride: usize) {
+        debug_assert_eq!(rows.len(), 8);
+        // SAFETY: `rows` has 8 vectors (trait contract); the caller guarantees that `out`
+        // covers 7 * stride + 8 floats.
+        unsafe {
+            let t0 = _mm256_unpacklo_ps(rows[0], rows[1]);
+            let t1 = _mm256_unpackhi_ps(rows[0], rows[1]);
+            let t2 = _mm256_unpacklo_ps(rows[2], rows[3]);
+            let t3 = _mm256_unpackhi_ps(rows[2], rows[3]);
+            let t4 = _mm256_unpacklo_ps(rows[4], rows[5]);
+            let t5 = _mm256_unpackhi_ps(rows[4], rows[5]);
+            let t6 = _mm256_unpacklo_ps(rows[6], rows[7]);
+            let t7 = _mm256_unpackhi_ps(rows[6], rows[7]);
+            let s0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+            let s1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
+            let s2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+            let s3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
+            let s4 = _mm256_shuffle_ps::<0x44>(t4, t6);
+            let s5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
+            let s6 = _mm256_shuffle_ps::<0x44>(t5, t7);
+            let s7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
+            let o = [
+                _mm256_permute2f128_ps::<0x20>(s0, s4),
+                _mm256_permute2f128_ps::<0x20>(s1, s5),
+                _mm256_permute2f128_ps::<0x20>(s2, s6),
+                _mm256_permute2f128_ps::<0x20>(s3, s7),
+                _mm256_permute2f128_ps::<0x31>(s0, s4),
+                _mm256_permute2f128_ps::<0x31>(s1, s5),
+                _mm256_permute2f128_ps::<0x31>(s2, s6),
+                _mm256_permute2f128_ps::<0x31>(s3, s7),
+            ];
+            for (l, v) in o.into_iter().enumerate() {
+                _mm256_storeu_ps(out.add(l * stride), v);
+            }
+        }
+    }
+}
