@@ -8,7 +8,8 @@
 pub enum Parallelism {
     /// Run on the calling thread only.
     Sequential,
-    /// Split the work for this many threads (0 or 1 behave as `Sequential`).
+    /// Split the work for this many threads (0 or 1 behave as `Sequential`; values above
+    /// [`Parallelism::MAX_THREADS`] are clamped to it).
     Threads(usize),
     /// Split the work for every thread of the current rayon pool.
     #[default]
@@ -16,12 +17,33 @@ pub enum Parallelism {
 }
 
 impl Parallelism {
-    /// The number of threads the work is split for (at least 1).
+    /// The most threads a kernel splits its work for.
+    pub const MAX_THREADS: usize = 1024;
+
+    /// The number of threads the work is split for (1 to [`Parallelism::MAX_THREADS`]).
     pub fn threads(self) -> usize {
-        match self {
+        let n = match self {
             Parallelism::Sequential => 1,
-            Parallelism::Threads(n) => n.max(1),
-            Parallelism::Auto => rayon::current_num_threads().max(1),
-        }
+            Parallelism::Threads(n) => n,
+            Parallelism::Auto => rayon::current_num_threads(),
+        };
+        n.clamp(1, Self::MAX_THREADS)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn thread_counts_are_clamped() {
+        assert_eq!(Parallelism::Sequential.threads(), 1);
+        assert_eq!(Parallelism::Threads(0).threads(), 1);
+        assert_eq!(Parallelism::Threads(3).threads(), 3);
+        assert_eq!(
+            Parallelism::Threads(usize::MAX).threads(),
+            Parallelism::MAX_THREADS
+        );
+        assert!(Parallelism::Auto.threads() >= 1);
     }
 }

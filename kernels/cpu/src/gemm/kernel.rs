@@ -131,6 +131,32 @@ pub(crate) unsafe fn pack_b<S: Simd, B: Element, const NV: usize>(args: &PackBAr
     }
 }
 
+/// One k step of the microkernel: `NV` vector loads of B, `MR` broadcasts of A and
+/// `MR x NV` FMAs into the accumulators.
+///
+/// # Safety
+/// `S`'s ISA is available; `ap` covers `MR` and `bp` covers `NV * LANES` floats.
+#[inline(always)]
+unsafe fn k_step<S: Simd, const MR: usize, const NV: usize>(
+    acc: &mut [[S::V; NV]; MR],
+    ap: *const f32,
+    bp: *const f32,
+) {
+    // SAFETY: forwarded contract.
+    unsafe {
+        let mut bv = [S::zero(); NV];
+        for (v, x) in bv.iter_mut().enumerate() {
+            *x = S::load(bp.add(v * S::LANES));
+        }
+        for (i, row) in acc.iter_mut().enumerate() {
+            let av = S::splat(*ap.add(i));
+            for (x, &bx) in row.iter_mut().zip(bv.iter()) {
+                *x = S::fma(av, bx, *x);
+            }
+        }
+    }
+}
+
 /// `C[0..mr, 0..nr] = α·(Apanel·Bpanel) + β·C` for one `MR x NR` register tile.
 ///
 /// # Safety
@@ -155,19 +181,25 @@ unsafe fn microkernel<S: Simd, const MR: usize, const NV: usize>(
     // SAFETY (whole body): the ISA is available; the packed panels hold kb steps of MR and
     // NR floats; C accesses stay inside the mr x nr tile (or the local `edge` buffer).
     unsafe {
+        // The C tile is read (β ≠ 0) and written after the loop; its rows are far apart and
+        // usually cold, so start fetching them now, behind the FMAs.
+        for i in 0..mr {
+            let row = c.wrapping_add(i * ldc);
+            S::prefetch(row);
+            S::prefetch(row.wrapping_add(nr - 1));
+        }
         let mut acc = [[S::zero(); NV]; MR];
         let (mut ap, mut bp) = (a, b);
-        for _ in 0..kb {
-            let mut bv = [S::zero(); NV];
-            for (v, x) in bv.iter_mut().enumerate() {
-                *x = S::load(bp.add(v * l));
-            }
-            for (i, row) in acc.iter_mut().enumerate() {
-                let av = S::splat(*ap.add(i));
-                for (x, &bx) in row.iter_mut().zip(bv.iter()) {
-                    *x = S::fma(av, bx, *x);
-                }
-            }
+        for _ in 0..kb / 4 {
+            k_step::<S, MR, NV>(&mut acc, ap, bp);
+            k_step::<S, MR, NV>(&mut acc, ap.add(MR), bp.add(nrf));
+            k_step::<S, MR, NV>(&mut acc, ap.add(2 * MR), bp.add(2 * nrf));
+            k_step::<S, MR, NV>(&mut acc, ap.add(3 * MR), bp.add(3 * nrf));
+            ap = ap.add(4 * MR);
+            bp = bp.add(4 * nrf);
+        }
+        for _ in 0..kb % 4 {
+            k_step::<S, MR, NV>(&mut acc, ap, bp);
             ap = ap.add(MR);
             bp = bp.add(nrf);
         }
@@ -303,6 +335,11 @@ unsafe fn dot_rows<S: Simd, B: Element, const R: usize>(args: &GemvArgs<B>, j: u
         while p < full {
             let a0 = S::load(args.a.add(p));
             let a1 = S::load(args.a.add(p + l));
+            for row in rows {
+                // The next group of rows, same column: with B stored densely that is the
+                // data R rows ahead, far enough to hide DRAM latency.
+                S::prefetch(row.wrapping_add(R * args.ldb + p));
+            }
             for r in 0..R {
                 acc[r][0] = S::fma(a0, load_as_f32::<S, B>(rows[r].add(p)), acc[r][0]);
                 acc[r][1] = S::fma(a1, load_as_f32::<S, B>(rows[r].add(p + l)), acc[r][1]);
@@ -339,8 +376,13 @@ unsafe fn gemv_cols<S: Simd, B: Element>(args: &GemvArgs<B>) {
                 let brow = args.b.add(p * args.ldb + j0);
                 let av: [S::V; 4] =
                     std::array::from_fn(|r| S::splat(*args.a.add(p + r.min(rows - 1))));
+                let next = brow.wrapping_add(rows * args.ldb);
                 let mut j = 0;
                 while j < wv {
+                    for r in 0..4 {
+                        // Rows p+4..p+8 of the chunk, read by the next pass.
+                        S::prefetch(next.wrapping_add(r * args.ldb + j));
+                    }
                     let mut x = S::load(accp.add(j));
                     for (r, &a) in av.iter().enumerate().take(rows) {
                         x = S::fma(a, load_as_f32::<S, B>(brow.add(r * args.ldb + j)), x);

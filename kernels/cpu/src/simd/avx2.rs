@@ -75,6 +75,12 @@ unsafe impl Simd for Avx2 {
     }
 
     #[inline(always)]
+    fn prefetch<T>(p: *const T) {
+        // SAFETY: a prefetch is a hint; it never faults, even on an invalid address.
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(p.cast()) }
+    }
+
+    #[inline(always)]
     unsafe fn transpose_store(rows: &[__m256], out: *mut f32, stride: usize) {
         debug_assert_eq!(rows.len(), 8);
         // SAFETY: `rows` has 8 vectors (trait contract); the caller guarantees that `out`

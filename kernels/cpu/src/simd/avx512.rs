@@ -55,6 +55,11 @@ unsafe impl Simd for Avx512 {
         unsafe { _mm512_reduce_add_ps(v) }
     }
     #[inline(always)]
+    fn prefetch<T>(p: *const T) {
+        // SAFETY: a prefetch is a hint; it never faults, even on an invalid address.
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(p.cast()) }
+    }
+    #[inline(always)]
     unsafe fn load_f16(p: *const f16) -> __m512 {
         // SAFETY: 16 readable halves (32 bytes); AVX-512F has the 512-bit vcvtph2ps.
         unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(p.cast())) }

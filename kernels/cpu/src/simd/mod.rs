@@ -52,6 +52,11 @@ pub(crate) unsafe trait Simd: Copy + Send + Sync + 'static {
     /// Loads `LANES` bf16 from `p` and widens them to f32 (exact).
     unsafe fn load_bf16(p: *const bf16) -> Self::V;
 
+    /// Hints that the cache line holding `p` will be accessed soon. Never faults, whatever
+    /// `p` is (prefetches of invalid addresses are dropped by the hardware).
+    #[inline(always)]
+    fn prefetch<T>(_p: *const T) {}
+
     /// Writes the `LANES x LANES` block held in `rows` transposed: lane `l` of `rows[r]` goes
     /// to `out[l * stride + r]`. `rows` holds exactly `LANES` vectors.
     #[inline(always)]
