@@ -473,7 +473,7 @@ fn blocked<B: Element>(
                     return;
                 }
                 let mut abuf = scratch::take();
-                let apack = abuf.get(mb.div_ceil(mr) * mr * kb);
+                let apack = abuf.get(plan.mc_max() * kb);
                 let pa = PackAArgs {
                     mb,
                     kb,
