@@ -400,7 +400,6 @@ fn blocked<B: Element>(
 ) {
     let GemmDims { m, n, k } = dims;
     let nr = kern.nr;
-    let mr = kern.mr;
     let m_blocks = plan.m_blocks;
     let mut bbuf = scratch::take();
     let bpack = bbuf.get(plan.kc * plan.nc);
