@@ -2,3 +2,5 @@
 //! `tessera` command-line tool; the kernels live in `tessera-core` and `tessera-cpu`.
 pub use tessera_core as core;
 pub use tessera_cpu as cpu;
+
+pub mod bench;

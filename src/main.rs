@@ -1,1 +1,64 @@
-fn main() {}
+//! The `tessera` command-line tool.
+
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+use tessera::bench::{self, cli::BenchArgs};
+
+/// Tessera: hand-optimized transformer kernels.
+#[derive(Parser)]
+#[command(name = "tessera", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Calibrate this machine (FMA peak, memory bandwidth), then time kernels against peers.
+    Bench(BenchArgs),
+}
+
+fn main() -> ExitCode {
+    match Cli::parse().command {
+        Command::Bench(args) => match run_bench(&args) {
+            Ok(code) => code,
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::FAILURE
+            }
+        },
+    }
+}
+
+fn run_bench(args: &BenchArgs) -> bench::Result<ExitCode> {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let cfg = args.config(cores)?;
+    let families = args.families()?;
+    if args.list {
+        for (_, case) in bench::select_cases(&cfg, &families) {
+            println!("{}", case.id.name());
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let started = std::time::Instant::now();
+    let outcome = bench::run(&cfg, &families)?;
+    if let Some(path) = &args.json {
+        std::fs::write(path, bench::report::to_json(&outcome.rows) + "\n")
+            .map_err(|e| bench::BenchError(format!("cannot write {}: {e}", path.display())))?;
+        eprintln!("wrote {} rows to {}", outcome.rows.len(), path.display());
+    }
+    println!(
+        "\n{} rows in {:.1} s",
+        outcome.rows.len(),
+        started.elapsed().as_secs_f64()
+    );
+    if outcome.failures.is_empty() {
+        Ok(ExitCode::SUCCESS)
+    } else {
+        eprintln!("\n{} case(s) FAILED:", outcome.failures.len());
+        for (name, e) in &outcome.failures {
+            eprintln!("  {name}: {e}");
+        }
+        Ok(ExitCode::FAILURE)
+    }
+}

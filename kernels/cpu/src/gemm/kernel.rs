@@ -108,8 +108,10 @@ pub(crate) unsafe fn pack_b<S: Simd, B: Element, const NV: usize>(args: &PackBAr
                 let src = unsafe { b.add(s * nr * ldb) };
                 let full_p = if cols == nr { kb - kb % l } else { 0 };
                 let mut rows = [unsafe { S::zero() }; 16];
-                for p0 in (0..full_p).step_by(l) {
-                    for g in 0..NV {
+                // Groups outermost: only LANES source rows are live at a time, which matters
+                // when the row stride is a multiple of 4 KiB (all rows in one L1 set).
+                for g in 0..NV {
+                    for p0 in (0..full_p).step_by(l) {
                         for (r, row) in rows.iter_mut().enumerate().take(l) {
                             *row = unsafe { load_as_f32::<S, B>(src.add((g * l + r) * ldb + p0)) };
                         }

@@ -1,0 +1,577 @@
+//! Machine calibration: the roofline every benchmark row is measured against.
+//!
+//! * FMA peak: a tight loop of independent fused multiply-adds (enough accumulators to cover
+//!   the FMA latency on two pipes), on one thread and on N threads at once (rates summed).
+//!   GFLOP/s = 2 x lanes x FMAs / seconds.
+//! * Memory read bandwidth: a vectorized reduction over a buffer far larger than the last-level
+//!   cache, best of several passes, on one thread and on N threads (each its own slice).
+
+use serde::Serialize;
+use std::hint::black_box;
+use std::sync::Barrier;
+use std::time::{Duration, Instant};
+
+/// One measured value at a thread count.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Point {
+    /// Threads that ran concurrently.
+    pub threads: usize,
+    /// GFLOP/s (FMA peak) or GB/s (bandwidth), summed over the threads.
+    pub value: f64,
+}
+
+/// This machine's compute and memory roofline.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Calibration {
+    /// The FMA loop that gave the peak (e.g. `avx2+fma x8 lanes`).
+    pub fma_kernel: String,
+    /// FMA peak, GFLOP/s, per thread count.
+    pub fma: Vec<Point>,
+    /// Size of the buffer read for the bandwidth, bytes.
+    pub buffer_bytes: usize,
+    /// Memory read bandwidth, GB/s (1e9 bytes), per thread count.
+    pub bandwidth: Vec<Point>,
+    /// Wall time of the calibration, seconds.
+    pub seconds: f64,
+}
+
+impl Calibration {
+    /// Measures the FMA peak and the read bandwidth on 1 thread and on each count in `threads`.
+    /// `quick` trades accuracy for time (smaller buffer, shorter loops).
+    pub fn measure(threads: &[usize], quick: bool) -> Calibration {
+        let start = Instant::now();
+        let mut counts: Vec<usize> = threads.iter().copied().filter(|&t| t > 0).collect();
+        counts.push(1);
+        counts.sort_unstable();
+        counts.dedup();
+
+        // Many short trials, best kept: on a shared machine some trial runs unhindered.
+        let fma_target = Duration::from_millis(if quick { 15 } else { 30 });
+        let trials = if quick { 3 } else { 8 };
+        // Pick the best FMA loop on one thread, then run it on every thread count.
+        let (kernel, single) = fma_kernels()
+            .into_iter()
+            .map(|k| {
+                let iters = k.iters_for(fma_target);
+                let rate = (0..trials)
+                    .map(|_| k.rate_on_threads(1, iters))
+                    .fold(0.0, f64::max);
+                (k, rate)
+            })
+            .max_by(|a, b| a.1.total_cmp(&b.1))
+            .expect("the scalar FMA loop always exists");
+        let iters = kernel.iters_for(fma_target);
+        let mut fma: Vec<Point> = counts
+            .iter()
+            .map(|&t| Point {
+                threads: t,
+                value: if t == 1 {
+                    single
+                } else {
+                    (0..trials)
+                        .map(|_| kernel.rate_on_threads(t, iters))
+                        .fold(0.0, f64::max)
+                },
+            })
+            .collect();
+        at_least_per_thread_share(&mut fma);
+
+        let buffer_bytes: usize = if quick { 256 << 20 } else { 1 << 30 };
+        let passes = if quick { 2 } else { 4 };
+        let buf = vec![1u64; buffer_bytes / 8]; // written once: every page is touched
+        let bandwidth = counts
+            .iter()
+            .map(|&t| Point {
+                threads: t,
+                value: (0..passes)
+                    .map(|_| read_bandwidth(&buf, t))
+                    .fold(0.0, f64::max),
+            })
+            .collect();
+        drop(buf);
+
+        Calibration {
+            fma_kernel: kernel.name.to_string(),
+            fma,
+            buffer_bytes,
+            bandwidth,
+            seconds: start.elapsed().as_secs_f64(),
+        }
+    }
+
+    /// FMA peak in GFLOP/s for `threads` threads. Counts that were not measured are estimated
+    /// from the nearest measured one below (FMA throughput scales linearly with cores).
+    pub fn peak_gflops(&self, threads: usize) -> f64 {
+        lookup(&self.fma, threads, true)
+    }
+
+    /// Memory read bandwidth in GB/s for `threads` threads. Counts that were not measured take
+    /// the nearest measured one below (bandwidth saturates, it does not scale).
+    pub fn bandwidth_gbs(&self, threads: usize) -> f64 {
+        lookup(&self.bandwidth, threads, false)
+    }
+
+    /// Human-readable summary, several lines.
+    pub fn summary(&self) -> String {
+        let list = |pts: &[Point], unit: &str| {
+            pts.iter()
+                .map(|p| {
+                    let s = if p.threads == 1 { "" } else { "s" };
+                    format!("{} thread{s} {:.1} {unit}", p.threads, p.value)
+                })
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        format!(
+            "calibration ({:.1} s)\n  FMA peak ({}): {}\n  read bandwidth ({} MiB buffer): {}",
+            self.seconds,
+            self.fma_kernel,
+            list(&self.fma, "GFLOP/s"),
+            self.buffer_bytes >> 20,
+            list(&self.bandwidth, "GB/s"),
+        )
+    }
+}
+
+/// One thread's FMA rate cannot be below a thread's share of a larger count's total: when
+/// the one-thread trials were all slowed by other load, raise it to that share.
+fn at_least_per_thread_share(fma: &mut [Point]) {
+    let share = fma
+        .iter()
+        .map(|p| p.value / p.threads as f64)
+        .fold(0.0, f64::max);
+    for p in fma.iter_mut().filter(|p| p.threads == 1) {
+        p.value = p.value.max(share);
+    }
+}
+
+fn lookup(points: &[Point], threads: usize, linear: bool) -> f64 {
+    let threads = threads.max(1);
+    if let Some(p) = points.iter().find(|p| p.threads == threads) {
+        return p.value;
+    }
+    let below = points
+        .iter()
+        .filter(|p| p.threads < threads)
+        .max_by_key(|p| p.threads);
+    let base = below.or_else(|| points.iter().min_by_key(|p| p.threads));
+    match base {
+        Some(p) if linear => p.value * threads as f64 / p.threads as f64,
+        Some(p) => p.value,
+        None => f64::NAN,
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// FMA loops.
+
+/// One FMA loop: `run(iters)` performs `iters x flops_per_iter` floating-point operations.
+struct FmaKernel {
+    name: &'static str,
+    flops_per_iter: f64,
+    run: fn(u64) -> f32,
+}
+
+impl FmaKernel {
+    /// Iterations that take about `target` on one thread.
+    fn iters_for(&self, target: Duration) -> u64 {
+        let probe = 1u64 << 16;
+        let mut best = f64::INFINITY;
+        for _ in 0..3 {
+            let t0 = Instant::now();
+            black_box((self.run)(black_box(probe)));
+            best = best.min(t0.elapsed().as_secs_f64());
+        }
+        let per_iter = best.max(1e-9) / probe as f64;
+        ((target.as_secs_f64() / per_iter) as u64).clamp(probe, 1 << 34)
+    }
+
+    /// GFLOP/s summed over `threads` threads running the loop concurrently.
+    fn rate_on_threads(&self, threads: usize, iters: u64) -> f64 {
+        let barrier = Barrier::new(threads);
+        let flops = iters as f64 * self.flops_per_iter;
+        std::thread::scope(|s| {
+            let handles: Vec<_> = (0..threads)
+                .map(|_| {
+                    s.spawn(|| {
+                        barrier.wait();
+                        let t0 = Instant::now();
+                        black_box((self.run)(black_box(iters)));
+                        flops / t0.elapsed().as_secs_f64() / 1e9
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("FMA calibration thread panicked"))
+                .sum()
+        })
+    }
+}
+
+/// The FMA loops this CPU can run.
+fn fma_kernels() -> Vec<FmaKernel> {
+    #[allow(unused_mut)]
+    let mut v = vec![FmaKernel {
+        name: "scalar x12",
+        flops_per_iter: 2.0 * 12.0,
+        run: fma_scalar,
+    }];
+    #[cfg(target_arch = "x86_64")]
+    {
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            v.push(FmaKernel {
+                name: "avx2+fma, 12 accumulators x 8 lanes",
+                flops_per_iter: 2.0 * 8.0 * x86::AVX2_ACC as f64,
+                run: x86::run_avx2,
+            });
+        }
+        if is_x86_feature_detected!("avx512f") {
+            v.push(FmaKernel {
+                name: "avx512f, 16 accumulators x 16 lanes",
+                flops_per_iter: 2.0 * 16.0 * x86::AVX512_ACC as f64,
+                run: x86::run_avx512,
+            });
+        }
+    }
+    #[cfg(target_arch = "aarch64")]
+    {
+        if std::arch::is_aarch64_feature_detected!("neon") {
+            v.push(FmaKernel {
+                name: "neon, 16 accumulators x 4 lanes",
+                flops_per_iter: 2.0 * 4.0 * arm::NEON_ACC as f64,
+                run: arm::run_neon,
+            });
+        }
+    }
+    v
+}
+
+/// Expands `$body` once per accumulator name (a hand-unrolled loop body).
+macro_rules! each {
+    ($($acc:ident),* => $body:ident) => { $( $body!($acc); )* };
+}
+
+/// Portable fallback: 12 independent multiply-add chains (2 flops each).
+fn fma_scalar(iters: u64) -> f32 {
+    let (x, y) = (black_box(0.999_999f32), black_box(1e-7f32));
+    let (mut a0, mut a1, mut a2, mut a3) = (0.1f32, 0.2, 0.3, 0.4);
+    let (mut a4, mut a5, mut a6, mut a7) = (0.5f32, 0.6, 0.7, 0.8);
+    let (mut a8, mut a9, mut a10, mut a11) = (0.9f32, 1.0, 1.1, 1.2);
+    for _ in 0..iters {
+        macro_rules! step {
+            ($a:ident) => {
+                $a = $a * x + y
+            };
+        }
+        each!(a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11 => step);
+    }
+    a0 + a1 + a2 + a3 + a4 + a5 + a6 + a7 + a8 + a9 + a10 + a11
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    /// 12 accumulators: FMA latency 4 x 2 pipes = 8 in flight, with margin; 12 + 2 constants
+    /// fit the 16 ymm registers.
+    pub const AVX2_ACC: usize = 12;
+    /// 16 accumulators of the 32 zmm registers.
+    pub const AVX512_ACC: usize = 16;
+
+    pub fn run_avx2(iters: u64) -> f32 {
+        assert!(is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"));
+        // SAFETY: the CPU has AVX2 and FMA (checked above).
+        unsafe { fma_avx2(iters) }
+    }
+
+    pub fn run_avx512(iters: u64) -> f32 {
+        assert!(is_x86_feature_detected!("avx512f"));
+        // SAFETY: the CPU has AVX-512F (checked above).
+        unsafe { fma_avx512(iters) }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    fn fma_avx2(iters: u64) -> f32 {
+        let x = _mm256_set1_ps(0.999_999);
+        let y = _mm256_set1_ps(1e-7);
+        let mut a0 = _mm256_set1_ps(0.1);
+        let mut a1 = _mm256_set1_ps(0.2);
+        let mut a2 = _mm256_set1_ps(0.3);
+        let mut a3 = _mm256_set1_ps(0.4);
+        let mut a4 = _mm256_set1_ps(0.5);
+        let mut a5 = _mm256_set1_ps(0.6);
+        let mut a6 = _mm256_set1_ps(0.7);
+        let mut a7 = _mm256_set1_ps(0.8);
+        let mut a8 = _mm256_set1_ps(0.9);
+        let mut a9 = _mm256_set1_ps(1.0);
+        let mut a10 = _mm256_set1_ps(1.1);
+        let mut a11 = _mm256_set1_ps(1.2);
+        for _ in 0..iters {
+            macro_rules! step {
+                ($a:ident) => {
+                    $a = _mm256_fmadd_ps($a, x, y)
+                };
+            }
+            each!(a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11 => step);
+        }
+        let s = _mm256_add_ps(
+            _mm256_add_ps(
+                _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)),
+                _mm256_add_ps(_mm256_add_ps(a4, a5), _mm256_add_ps(a6, a7)),
+            ),
+            _mm256_add_ps(_mm256_add_ps(a8, a9), _mm256_add_ps(a10, a11)),
+        );
+        let mut out = [0.0f32; 8];
+        // SAFETY: `out` holds 8 floats.
+        unsafe { _mm256_storeu_ps(out.as_mut_ptr(), s) };
+        out.iter().sum()
+    }
+
+    #[target_feature(enable = "avx512f")]
+    fn fma_avx512(iters: u64) -> f32 {
+        let x = _mm512_set1_ps(0.999_999);
+        let y = _mm512_set1_ps(1e-7);
+        let mut a0 = _mm512_set1_ps(0.1);
+        let mut a1 = _mm512_set1_ps(0.2);
+        let mut a2 = _mm512_set1_ps(0.3);
+        let mut a3 = _mm512_set1_ps(0.4);
+        let mut a4 = _mm512_set1_ps(0.5);
+        let mut a5 = _mm512_set1_ps(0.6);
+        let mut a6 = _mm512_set1_ps(0.7);
+        let mut a7 = _mm512_set1_ps(0.8);
+        let mut a8 = _mm512_set1_ps(0.9);
+        let mut a9 = _mm512_set1_ps(1.0);
+        let mut a10 = _mm512_set1_ps(1.1);
+        let mut a11 = _mm512_set1_ps(1.2);
+        let mut a12 = _mm512_set1_ps(1.3);
+        let mut a13 = _mm512_set1_ps(1.4);
+        let mut a14 = _mm512_set1_ps(1.5);
+        let mut a15 = _mm512_set1_ps(1.6);
+        for _ in 0..iters {
+            macro_rules! step {
+                ($a:ident) => {
+                    $a = _mm512_fmadd_ps($a, x, y)
+                };
+            }
+            each!(a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14, a15 => step);
+        }
+        let s0 = _mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3));
+        let s1 = _mm512_add_ps(_mm512_add_ps(a4, a5), _mm512_add_ps(a6, a7));
+        let s2 = _mm512_add_ps(_mm512_add_ps(a8, a9), _mm512_add_ps(a10, a11));
+        let s3 = _mm512_add_ps(_mm512_add_ps(a12, a13), _mm512_add_ps(a14, a15));
+        _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(s0, s1), _mm512_add_ps(s2, s3)))
+    }
+}
+
+#[cfg(target_arch = "aarch64")]
+mod arm {
+    use std::arch::aarch64::*;
+
+    /// 16 of the 32 vector registers: FMA latency 4 x up to 4 pipes.
+    pub const NEON_ACC: usize = 16;
+
+    pub fn run_neon(iters: u64) -> f32 {
+        assert!(std::arch::is_aarch64_feature_detected!("neon"));
+        // SAFETY: the CPU has NEON (checked above).
+        unsafe { fma_neon(iters) }
+    }
+
+    #[target_feature(enable = "neon")]
+    fn fma_neon(iters: u64) -> f32 {
+        let x = vdupq_n_f32(0.999_999);
+        let y = vdupq_n_f32(1e-7);
+        let mut a0 = vdupq_n_f32(0.1);
+        let mut a1 = vdupq_n_f32(0.2);
+        let mut a2 = vdupq_n_f32(0.3);
+        let mut a3 = vdupq_n_f32(0.4);
+        let mut a4 = vdupq_n_f32(0.5);
+        let mut a5 = vdupq_n_f32(0.6);
+        let mut a6 = vdupq_n_f32(0.7);
+        let mut a7 = vdupq_n_f32(0.8);
+        let mut a8 = vdupq_n_f32(0.9);
+        let mut a9 = vdupq_n_f32(1.0);
+        let mut a10 = vdupq_n_f32(1.1);
+        let mut a11 = vdupq_n_f32(1.2);
+        let mut a12 = vdupq_n_f32(1.3);
+        let mut a13 = vdupq_n_f32(1.4);
+        let mut a14 = vdupq_n_f32(1.5);
+        let mut a15 = vdupq_n_f32(1.6);
+        for _ in 0..iters {
+            macro_rules! step {
+                ($a:ident) => {
+                    $a = vfmaq_f32(y, $a, x)
+                };
+            }
+            each!(a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14, a15 => step);
+        }
+        let s0 = vaddq_f32(vaddq_f32(a0, a1), vaddq_f32(a2, a3));
+        let s1 = vaddq_f32(vaddq_f32(a4, a5), vaddq_f32(a6, a7));
+        let s2 = vaddq_f32(vaddq_f32(a8, a9), vaddq_f32(a10, a11));
+        let s3 = vaddq_f32(vaddq_f32(a12, a13), vaddq_f32(a14, a15));
+        vaddvq_f32(vaddq_f32(vaddq_f32(s0, s1), vaddq_f32(s2, s3)))
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Read bandwidth.
+
+/// Sum of `buf` with 8 independent wrapping u64 lanes (vectorizes to full-width adds).
+#[inline(always)]
+fn sum_u64(buf: &[u64]) -> u64 {
+    let mut acc = [0u64; 8];
+    let chunks = buf.chunks_exact(8);
+    let tail = chunks.remainder();
+    for ch in chunks {
+        for (a, x) in acc.iter_mut().zip(ch) {
+            *a = a.wrapping_add(*x);
+        }
+    }
+    let mut s = tail.iter().fold(0u64, |s, x| s.wrapping_add(*x));
+    for a in acc {
+        s = s.wrapping_add(a);
+    }
+    s
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn sum_u64_avx2(buf: &[u64]) -> u64 {
+    sum_u64(buf)
+}
+
+fn read_sum(buf: &[u64]) -> u64 {
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU has AVX2 (checked above).
+        return unsafe { sum_u64_avx2(buf) };
+    }
+    sum_u64(buf)
+}
+
+/// GB/s of one pass over `buf`, split into `threads` slices read concurrently (total bytes
+/// over the slowest thread's time).
+fn read_bandwidth(buf: &[u64], threads: usize) -> f64 {
+    let per = buf.len().div_ceil(threads.max(1));
+    let barrier = Barrier::new(threads.max(1));
+    let slowest = std::thread::scope(|s| {
+        let handles: Vec<_> = buf
+            .chunks(per)
+            .map(|slice| {
+                let barrier = &barrier;
+                s.spawn(move || {
+                    barrier.wait();
+                    let t0 = Instant::now();
+                    black_box(read_sum(black_box(slice)));
+                    t0.elapsed().as_secs_f64()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("bandwidth calibration thread panicked"))
+            .fold(0.0, f64::max)
+    });
+    std::mem::size_of_val(buf) as f64 / slowest / 1e9
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cal(fma: &[(usize, f64)], bw: &[(usize, f64)]) -> Calibration {
+        let pts = |v: &[(usize, f64)]| {
+            v.iter()
+                .map(|&(threads, value)| Point { threads, value })
+                .collect()
+        };
+        Calibration {
+            fma_kernel: "test".into(),
+            fma: pts(fma),
+            buffer_bytes: 0,
+            bandwidth: pts(bw),
+            seconds: 0.0,
+        }
+    }
+
+    #[test]
+    fn lookup_exact_and_extrapolated() {
+        let c = cal(&[(1, 100.0), (2, 190.0)], &[(1, 20.0), (2, 30.0)]);
+        assert_eq!(c.peak_gflops(1), 100.0);
+        assert_eq!(c.peak_gflops(2), 190.0);
+        // 4 threads: from the 2-thread point, scaled.
+        assert_eq!(c.peak_gflops(4), 380.0);
+        assert_eq!(c.bandwidth_gbs(4), 30.0);
+        // 0 threads means 1.
+        assert_eq!(c.peak_gflops(0), 100.0);
+        // Only larger points measured: scale down from the smallest.
+        let c = cal(&[(2, 200.0)], &[(2, 30.0)]);
+        assert_eq!(c.peak_gflops(1), 100.0);
+        assert_eq!(c.bandwidth_gbs(1), 30.0);
+        assert!(cal(&[], &[]).peak_gflops(1).is_nan());
+    }
+
+    #[test]
+    fn one_thread_peak_is_at_least_a_share_of_more() {
+        let mut c = cal(&[(1, 57.0), (2, 164.0), (4, 200.0)], &[]);
+        at_least_per_thread_share(&mut c.fma);
+        assert_eq!(c.peak_gflops(1), 82.0);
+        assert_eq!(c.peak_gflops(2), 164.0);
+        // Already consistent: unchanged.
+        let mut c = cal(&[(1, 100.0), (2, 190.0)], &[]);
+        at_least_per_thread_share(&mut c.fma);
+        assert_eq!(c.peak_gflops(1), 100.0);
+    }
+
+    #[test]
+    fn fma_loops_compute_and_agree() {
+        // Every loop computes the same recurrence from similar starts; all results are finite
+        // and positive (the chains converge to y / (1 - x) = 0.1).
+        for k in fma_kernels() {
+            let r = (k.run)(1000);
+            assert!(r.is_finite() && r > 0.0, "{}: {r}", k.name);
+            assert!(k.rate_on_threads(2, 1 << 12) > 0.0);
+        }
+    }
+
+    #[test]
+    fn read_sum_is_exact() {
+        let buf: Vec<u64> = (0..1003).collect();
+        assert_eq!(read_sum(&buf), 1002 * 1003 / 2);
+        assert_eq!(sum_u64(&buf), 1002 * 1003 / 2);
+        assert!(read_bandwidth(&buf, 3) > 0.0);
+    }
+
+    #[test]
+    fn summary_mentions_every_point() {
+        let c = cal(&[(1, 100.0), (2, 190.0)], &[(1, 20.0), (2, 30.5)]);
+        let s = c.summary();
+        assert!(
+            s.contains("1 thread 100.0 GFLOP/s, 2 threads 190.0 GFLOP/s"),
+            "{s}"
+        );
+        assert!(s.contains("2 threads 30.5 GB/s"), "{s}");
+    }
+}
+
+/// A fixed calibration for other modules' tests.
+#[cfg(test)]
+pub(crate) mod tests_support {
+    use super::{Calibration, Point};
+
+    /// 100 GFLOP/s per thread, 20 GB/s.
+    pub fn fixed() -> Calibration {
+        let pts = |v: [(usize, f64); 2]| {
+            v.iter()
+                .map(|&(threads, value)| Point { threads, value })
+                .collect()
+        };
+        Calibration {
+            fma_kernel: "fixed".into(),
+            fma: pts([(1, 100.0), (2, 200.0)]),
+            buffer_bytes: 0,
+            bandwidth: pts([(1, 20.0), (2, 25.0)]),
+            seconds: 0.0,
+        }
+    }
+}

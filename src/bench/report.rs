@@ -1,0 +1,389 @@
+//! Result rows: roofline arithmetic, the stdout table and the `--json` array.
+
+use super::Calibration;
+use serde::Serialize;
+
+/// What one call of a kernel does: the yardstick of its roofline.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Work {
+    /// Floating-point operations (a multiply-add counts 2).
+    pub flops: f64,
+    /// Bytes that must cross the memory bus at least once (every operand read or written).
+    pub bytes: f64,
+}
+
+impl Work {
+    /// Flops per byte.
+    pub fn intensity(&self) -> f64 {
+        self.flops / self.bytes
+    }
+
+    /// `"memory"` when the kernel's arithmetic intensity is below the machine balance
+    /// (peak GFLOP/s over bandwidth GB/s), else `"compute"`.
+    pub fn bound(&self, peak_gflops: f64, bandwidth_gbs: f64) -> &'static str {
+        if self.intensity() < peak_gflops / bandwidth_gbs {
+            "memory"
+        } else {
+            "compute"
+        }
+    }
+}
+
+/// The identity of a benchmark row (what was run, before it is timed).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CaseId {
+    /// Operation family (`gemm`, ...).
+    pub family: &'static str,
+    /// Kernel within the family (`gemm`, `gemv`, ...).
+    pub kernel: String,
+    /// Shape, e.g. `MxNxK` for GEMM.
+    pub shape: String,
+    /// Storage type of the operand that varies (B for GEMM).
+    pub dtype: String,
+    /// Operand layout (`[n,k]` for B stored as a HF weight, `[k,n]` otherwise).
+    pub layout: String,
+    /// Threads.
+    pub threads: usize,
+}
+
+impl CaseId {
+    /// `family/kernel/shape/dtype/layout/tN`: what `--filter` matches against.
+    pub fn name(&self) -> String {
+        format!(
+            "{}/{}/{}/{}/{}/t{}",
+            self.family, self.kernel, self.shape, self.dtype, self.layout, self.threads
+        )
+    }
+}
+
+/// One measured row, as printed and as written by `--json`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Row {
+    /// Operation family.
+    pub family: String,
+    /// Kernel within the family.
+    pub kernel: String,
+    /// Shape (`MxNxK` for GEMM).
+    pub shape: String,
+    /// Storage type of the varying operand.
+    pub dtype: String,
+    /// Operand layout.
+    pub layout: String,
+    /// Tessera instruction set used.
+    pub isa: String,
+    /// Threads.
+    pub threads: usize,
+    /// Median seconds per call.
+    pub seconds: f64,
+    /// Timed repetitions.
+    pub reps: usize,
+    /// GFLOP/s (1e9 flops per second).
+    pub gflops: f64,
+    /// GB/s of the bytes the call must move (1e9 bytes per second).
+    pub gbs: f64,
+    /// `"compute"` or `"memory"`: which roofline the row is held to.
+    pub bound: String,
+    /// Fraction of the calibrated peak for this thread count: GFLOP/s over FMA peak when
+    /// compute-bound, GB/s over read bandwidth when memory-bound.
+    pub peak_fraction: f64,
+    /// Peer implementation timed on the same case.
+    pub peer: Option<String>,
+    /// The peer's median seconds per call.
+    pub peer_seconds: Option<f64>,
+    /// `peer_seconds / seconds`: above 1 means Tessera is faster.
+    pub peer_ratio: Option<f64>,
+}
+
+/// A peer measurement.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PeerTime {
+    /// Peer name.
+    pub name: String,
+    /// Median seconds per call.
+    pub seconds: f64,
+}
+
+impl Row {
+    /// Builds a row from a measurement, placing it on the calibrated roofline.
+    pub fn new(
+        id: &CaseId,
+        isa: &str,
+        work: Work,
+        seconds: f64,
+        reps: usize,
+        cal: &Calibration,
+        peer: Option<PeerTime>,
+    ) -> Row {
+        let peak = cal.peak_gflops(id.threads);
+        let bw = cal.bandwidth_gbs(id.threads);
+        let gflops = work.flops / seconds / 1e9;
+        let gbs = work.bytes / seconds / 1e9;
+        let bound = work.bound(peak, bw);
+        let peak_fraction = if bound == "memory" {
+            gbs / bw
+        } else {
+            gflops / peak
+        };
+        Row {
+            family: id.family.to_string(),
+            kernel: id.kernel.clone(),
+            shape: id.shape.clone(),
+            dtype: id.dtype.clone(),
+            layout: id.layout.clone(),
+            isa: isa.to_string(),
+            threads: id.threads,
+            seconds,
+            reps,
+            gflops,
+            gbs,
+            bound: bound.to_string(),
+            peak_fraction,
+            peer_ratio: peer.as_ref().map(|p| p.seconds / seconds),
+            peer_seconds: peer.as_ref().map(|p| p.seconds),
+            peer: peer.map(|p| p.name),
+        }
+    }
+}
+
+/// Column widths of the table (kernel, shape, dtype, B, threads, ms, GFLOP/s, GB/s, %peak,
+/// bound, vs peer).
+const WIDTHS: [usize; 11] = [6, 16, 5, 5, 3, 11, 9, 8, 7, 7, 9];
+
+fn line(cells: [&str; 11]) -> String {
+    let mut s = String::new();
+    for (i, (cell, w)) in cells.iter().zip(WIDTHS).enumerate() {
+        if i > 0 {
+            s.push_str("  ");
+        }
+        // Text columns left-aligned, numbers right-aligned.
+        if i < 4 || i == 9 {
+            s.push_str(&format!("{cell:<w$}"));
+        } else {
+            s.push_str(&format!("{cell:>w$}"));
+        }
+    }
+    s.trim_end().to_string()
+}
+
+/// The table header; `peer` names the ratio column (`vs gemm`).
+pub fn header(peer: &str) -> String {
+    let vs = format!("vs {peer}");
+    line([
+        "kernel",
+        "shape",
+        "dtype",
+        "B",
+        "thr",
+        "time (ms)",
+        "GFLOP/s",
+        "GB/s",
+        "%peak",
+        "bound",
+        vs.as_str(),
+    ])
+}
+
+/// One table line for `row`, aligned with [`header`].
+pub fn format_row(row: &Row) -> String {
+    let ms = row.seconds * 1e3;
+    let time = if ms >= 100.0 {
+        format!("{ms:.1}")
+    } else if ms >= 1.0 {
+        format!("{ms:.3}")
+    } else {
+        format!("{ms:.4}")
+    };
+    let threads = row.threads.to_string();
+    let gflops = format!("{:.1}", row.gflops);
+    let gbs = format!("{:.1}", row.gbs);
+    let peak = format!("{:.1}%", row.peak_fraction * 100.0);
+    let vs = row
+        .peer_ratio
+        .map_or_else(|| "-".to_string(), |r| format!("{r:.2}x"));
+    line([
+        &row.kernel,
+        &row.shape,
+        &row.dtype,
+        &row.layout,
+        &threads,
+        &time,
+        &gflops,
+        &gbs,
+        &peak,
+        &row.bound,
+        &vs,
+    ])
+}
+
+/// The rows as a pretty-printed JSON array of objects.
+pub fn to_json(rows: &[Row]) -> String {
+    serde_json::to_string_pretty(rows).expect("rows serialize")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bench::calibrate::Point;
+
+    fn cal() -> Calibration {
+        Calibration {
+            fma_kernel: "test".into(),
+            fma: vec![
+                Point {
+                    threads: 1,
+                    value: 100.0,
+                },
+                Point {
+                    threads: 2,
+                    value: 200.0,
+                },
+            ],
+            buffer_bytes: 1 << 30,
+            bandwidth: vec![
+                Point {
+                    threads: 1,
+                    value: 20.0,
+                },
+                Point {
+                    threads: 2,
+                    value: 25.0,
+                },
+            ],
+            seconds: 1.0,
+        }
+    }
+
+    fn id(threads: usize) -> CaseId {
+        CaseId {
+            family: "gemm",
+            kernel: "gemm".into(),
+            shape: "2048x2048x2048".into(),
+            dtype: "f16".into(),
+            layout: "[n,k]".into(),
+            threads,
+        }
+    }
+
+    fn peer(seconds: f64) -> Option<PeerTime> {
+        Some(PeerTime {
+            name: "gemm".into(),
+            seconds,
+        })
+    }
+
+    #[test]
+    fn compute_bound_row_is_held_to_fma_peak() {
+        // 100 GFLOP in 2 s = 50 GFLOP/s of a 200 GFLOP/s 2-thread peak.
+        let w = Work {
+            flops: 100e9,
+            bytes: 1e9,
+        };
+        let r = Row::new(&id(2), "avx2", w, 2.0, 5, &cal(), peer(3.0));
+        assert_eq!(r.gflops, 50.0);
+        assert_eq!(r.gbs, 0.5);
+        assert_eq!(r.bound, "compute");
+        assert_eq!(r.peak_fraction, 0.25);
+        assert_eq!(r.peer_ratio, Some(1.5));
+        assert_eq!(r.peer_seconds, Some(3.0));
+        assert_eq!(r.peer.as_deref(), Some("gemm"));
+    }
+
+    #[test]
+    fn memory_bound_row_is_held_to_bandwidth() {
+        // GEMV-like: 0.5 flop per byte, below the machine balance of 100 / 20 = 5.
+        let w = Work {
+            flops: 1e9,
+            bytes: 2e9,
+        };
+        assert_eq!(w.bound(100.0, 20.0), "memory");
+        let r = Row::new(&id(1), "avx2", w, 0.2, 5, &cal(), None);
+        assert_eq!(r.bound, "memory");
+        assert_eq!(r.gbs, 10.0);
+        assert_eq!(r.peak_fraction, 0.5); // 10 of 20 GB/s
+        assert_eq!(r.peer_ratio, None);
+        // Exactly at the balance point counts as compute-bound.
+        let w = Work {
+            flops: 5.0,
+            bytes: 1.0,
+        };
+        assert_eq!(w.bound(100.0, 20.0), "compute");
+    }
+
+    #[test]
+    fn table_columns_line_up() {
+        let w = Work {
+            flops: 17.2e9,
+            bytes: 50e6,
+        };
+        let r = Row::new(&id(2), "avx2", w, 0.1234, 5, &cal(), peer(0.15));
+        let h = header("gemm");
+        let l = format_row(&r);
+        // Every header column starts where its value column starts.
+        for col in ["shape", "dtype", "B ", "bound"] {
+            let at = h.find(col).unwrap();
+            assert_ne!(&l[at..at + 1], " ", "{col}:\n{h}\n{l}");
+            assert_eq!(&l[at - 1..at], " ", "{col}:\n{h}\n{l}");
+        }
+        // Right-aligned numeric columns end where the header ends.
+        let end = |s: &str, pat: &str| s.find(pat).unwrap() + pat.len();
+        assert_eq!(end(&h, "thr"), end(&l, "]    2"));
+        assert_eq!(end(&h, "time (ms)"), end(&l, "123.4"));
+        assert_eq!(end(&h, "%peak"), end(&l, "69.7%"));
+        assert!(l.ends_with("1.22x"), "{l}");
+        assert!(h.ends_with("vs gemm"), "{h}");
+        assert!(l.contains("2048x2048x2048") && l.contains("[n,k]") && l.contains("139.4"));
+    }
+
+    #[test]
+    fn small_times_keep_precision_and_missing_peer_is_a_dash() {
+        let w = Work {
+            flops: 1e6,
+            bytes: 1e6,
+        };
+        let r = Row::new(&id(1), "avx2", w, 12.5e-6, 5, &cal(), None);
+        let l = format_row(&r);
+        assert!(l.contains("0.0125"), "{l}");
+        assert!(l.ends_with('-'), "{l}");
+    }
+
+    #[test]
+    fn json_is_an_array_of_objects_with_the_documented_keys() {
+        let w = Work {
+            flops: 1e9,
+            bytes: 1e6,
+        };
+        let rows = vec![
+            Row::new(&id(1), "avx2", w, 0.01, 5, &cal(), peer(0.02)),
+            Row::new(&id(2), "avx2", w, 0.01, 5, &cal(), None),
+        ];
+        let v: serde_json::Value = serde_json::from_str(&to_json(&rows)).unwrap();
+        let arr = v.as_array().expect("top level is an array");
+        assert_eq!(arr.len(), 2);
+        for key in [
+            "family",
+            "kernel",
+            "shape",
+            "dtype",
+            "threads",
+            "seconds",
+            "gflops",
+            "gbs",
+            "bound",
+            "peak_fraction",
+            "peer",
+            "peer_seconds",
+            "peer_ratio",
+        ] {
+            assert!(arr[0].get(key).is_some(), "missing {key}");
+        }
+        assert_eq!(arr[0]["shape"], "2048x2048x2048");
+        assert_eq!(arr[0]["threads"], 1);
+        assert_eq!(arr[0]["peer_ratio"], 2.0);
+        assert!(arr[1]["peer_ratio"].is_null());
+    }
+
+    #[test]
+    fn case_names_are_filterable() {
+        assert_eq!(id(2).name(), "gemm/gemm/2048x2048x2048/f16/[n,k]/t2");
+    }
+}
