@@ -55,6 +55,18 @@ unsafe impl Simd for Neon {
         unsafe { vaddvq_f32(v) }
     }
     #[inline(always)]
+    fn prefetch<T>(p: *const T) {
+        // SAFETY: PRFM is a hint: it never faults, whatever the address, and has no other
+        // architectural effect.
+        unsafe {
+            core::arch::asm!(
+                "prfm pldl1keep, [{p}]",
+                p = in(reg) p,
+                options(nostack, preserves_flags, readonly)
+            );
+        }
+    }
+    #[inline(always)]
     unsafe fn load_f16(p: *const f16) -> float32x4_t {
         // `float16x4_t` and `vcvt_f32_f16` are not stable Rust yet, so widen with FCVTL, which
         // is part of base ARMv8.0 Advanced SIMD (no FEAT_FP16 needed).
