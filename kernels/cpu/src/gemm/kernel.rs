@@ -193,6 +193,12 @@ unsafe fn microkernel<S: Simd, const MR: usize, const NV: usize>(
         let mut acc = [[S::zero(); NV]; MR];
         let (mut ap, mut bp) = (a, b);
         for _ in 0..kb / 4 {
+            // B for four steps ahead (the micro-panel may have left L1 while the previous A
+            // strips streamed through), A one cache line ahead.
+            for q in 0..4 * nrf * 4 / 64 {
+                S::prefetch(bp.wrapping_add(8 * nrf + q * 16));
+            }
+            S::prefetch(ap.wrapping_add(8 * MR));
             k_step::<S, MR, NV>(&mut acc, ap, bp);
             k_step::<S, MR, NV>(&mut acc, ap.add(MR), bp.add(nrf));
             k_step::<S, MR, NV>(&mut acc, ap.add(2 * MR), bp.add(2 * nrf));
@@ -206,15 +212,12 @@ unsafe fn microkernel<S: Simd, const MR: usize, const NV: usize>(
             bp = bp.add(nrf);
         }
 
-        let va = S::splat(alpha);
-        let vb = S::splat(beta);
-        // Full tiles update C in place; edge tiles go through a local tile so that exactly the
-        // same vector operations produce every element (results independent of tiling).
-        let full = mr == MR && nr == nrf;
-        let mut edge = [0.0f32; MAX_TILE];
-        let (cp, cld) = if full {
-            (c, ldc)
+        if mr == MR && nr == nrf {
+            store_tile::<S, MR, NV>(&acc, c, ldc, alpha, beta);
         } else {
+            // Edge tiles go through a local full tile so that exactly the same vector
+            // operations produce every element (results independent of tiling).
+            let mut edge = [0.0f32; MAX_TILE];
             if beta != 0.0 {
                 for i in 0..mr {
                     for j in 0..nr {
@@ -222,11 +225,35 @@ unsafe fn microkernel<S: Simd, const MR: usize, const NV: usize>(
                     }
                 }
             }
-            (edge.as_mut_ptr(), nrf)
-        };
+            store_tile::<S, MR, NV>(&acc, edge.as_mut_ptr(), nrf, alpha, beta);
+            for i in 0..mr {
+                for j in 0..nr {
+                    *c.add(i * ldc + j) = edge[i * nrf + j];
+                }
+            }
+        }
+    }
+}
+
+/// `C = α·acc + β·C` for a full `MR x NR` tile (C not read when `β == 0`).
+///
+/// # Safety
+/// `S`'s ISA is available; `c` covers `MR` rows of `NV * LANES` floats, `ldc` apart.
+#[inline(always)]
+unsafe fn store_tile<S: Simd, const MR: usize, const NV: usize>(
+    acc: &[[S::V; NV]; MR],
+    c: *mut f32,
+    ldc: usize,
+    alpha: f32,
+    beta: f32,
+) {
+    // SAFETY: forwarded contract.
+    unsafe {
+        let va = S::splat(alpha);
+        let vb = S::splat(beta);
         for (i, row) in acc.iter().enumerate() {
             for (v, &x) in row.iter().enumerate() {
-                let p = cp.add(i * cld + v * l);
+                let p = c.add(i * ldc + v * S::LANES);
                 let r = S::mul(x, va);
                 let r = if beta == 0.0 {
                     r
@@ -234,13 +261,6 @@ unsafe fn microkernel<S: Simd, const MR: usize, const NV: usize>(
                     S::fma(S::load(p), vb, r)
                 };
                 S::store(p, r);
-            }
-        }
-        if !full {
-            for i in 0..mr {
-                for j in 0..nr {
-                    *c.add(i * ldc + j) = edge[i * nrf + j];
-                }
             }
         }
     }
