@@ -617,3 +617,35 @@ fn beta_zero_ignores_nan_in_c_and_alpha_zero_ignores_a_and_b() {
         assert!(c.iter().all(|&x| x == 2.0), "{opts:?}");
     }
 }
+
+/// Regression (found by the fuzzer): a valid but huge leading dimension of B (any ld ≥ n is
+/// allowed when B has one row) must not overflow the GEMV's prefetch address arithmetic.
+#[test]
+fn huge_leading_dimension_of_a_one_row_b() {
+    for opts in all_options() {
+        let mut c = [0.0f32; 16];
+        gemm::gemm_with(
+            &opts,
+            1.0,
+            MatRef::dense(&[2.0f32], 1, 1),
+            MatRef::new(&[1.5f32; 16], 1, 16, usize::MAX),
+            Transpose::No,
+            0.0,
+            MatMut::dense(&mut c, 1, 16),
+        )
+        .unwrap();
+        assert_eq!(c, [3.0; 16], "{opts:?}");
+        let mut c = [0.0f32; 1];
+        gemm::gemm_with(
+            &opts,
+            1.0,
+            MatRef::dense(&[1.0f32; 64], 1, 64),
+            MatRef::new(&[0.5f32; 64], 1, 64, usize::MAX),
+            Transpose::Yes,
+            0.0,
+            MatMut::dense(&mut c, 1, 1),
+        )
+        .unwrap();
+        assert_eq!(c, [32.0], "{opts:?}");
+    }
+}

@@ -39,7 +39,7 @@ pub fn gemm<B: Element>(
             } else {
                 f64::from(beta) * f64::from(c.data[i * c.ld + j])
             };
-            let ab = if alpha == 0.0 {
+            let ab = if alpha == 0.0 || dims.k == 0 {
                 0.0
             } else {
                 f64::from(alpha) * acc
@@ -116,6 +116,21 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c, [19.0, 22.0, 43.0, 50.0]);
+    }
+
+    #[test]
+    fn empty_reduction_is_beta_c_even_for_infinite_alpha() {
+        let mut c = [2.0f32, -1.0];
+        gemm(
+            f32::INFINITY,
+            MatRef::<f32>::dense(&[], 2, 0),
+            MatRef::<f32>::dense(&[], 0, 1),
+            Transpose::No,
+            -1.0,
+            MatMut::dense(&mut c, 2, 1),
+        )
+        .unwrap();
+        assert_eq!(c, [-2.0, 1.0]);
     }
 
     #[test]

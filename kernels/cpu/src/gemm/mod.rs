@@ -512,8 +512,8 @@ fn blocked<B: Element>(
     scratch::give(bbuf);
 }
 
-/// Alignment of the column ranges that GEMV threads get (a multiple of every LANES and of
-/// the row group, so that no column changes code path with the thread count).
+/// Alignment of the column ranges that GEMV threads get (a multiple of every LANES, so that
+/// no column changes code path with the thread count).
 const GEMV_SPLIT: usize = 64;
 
 #[allow(clippy::too_many_arguments)]
