@@ -50,6 +50,9 @@ pub(crate) unsafe fn pack_a<const MR: usize>(args: &PackAArgs) {
     }
 }
 
+/// Bytes ahead along a source row that the packing of a transposed B prefetches.
+const PACK_PREFETCH: usize = 256;
+
 /// Packs a `kb x nb` panel of `op(B)` into `NR`-column strips of f32.
 ///
 /// # Safety
@@ -80,6 +83,8 @@ pub(crate) unsafe fn pack_b<S: Simd, B: Element, const NV: usize>(args: &PackBAr
                 let src = unsafe { b.add(s * nr) };
                 if cols == nr {
                     for p in 0..kb {
+                        // Rows of B a few steps ahead (a hint, never dereferenced).
+                        S::prefetch(src.wrapping_add((p + 4) * ldb));
                         for v in 0..NV {
                             unsafe {
                                 let x = load_as_f32::<S, B>(src.add(p * ldb + v * l));
@@ -113,7 +118,12 @@ pub(crate) unsafe fn pack_b<S: Simd, B: Element, const NV: usize>(args: &PackBAr
                 for g in 0..NV {
                     for p0 in (0..full_p).step_by(l) {
                         for (r, row) in rows.iter_mut().enumerate().take(l) {
-                            *row = unsafe { load_as_f32::<S, B>(src.add((g * l + r) * ldb + p0)) };
+                            let at = unsafe { src.add((g * l + r) * ldb + p0) };
+                            // LANES strided streams are too many for the hardware prefetcher
+                            // to follow well: fetch each a few lines ahead (a hint, never
+                            // dereferenced).
+                            S::prefetch(at.wrapping_byte_add(PACK_PREFETCH));
+                            *row = unsafe { load_as_f32::<S, B>(at) };
                         }
                         unsafe { S::transpose_store(&rows[..l], dst.add(p0 * nr + g * l), nr) };
                     }
