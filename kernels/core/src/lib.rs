@@ -11,6 +11,7 @@
 //! * [`reference`]: the oracle for every kernel, written as plainly as possible, with f64
 //!   accumulation, never optimized and never shared with the fast paths.
 #![deny(unsafe_op_in_unsafe_fn)]
+#![warn(clippy::undocumented_unsafe_blocks)]
 #![warn(missing_docs)]
 
 pub mod dtype;

@@ -9,6 +9,7 @@
 //! Variants: scalar (everywhere), AVX2+FMA+F16C (the x86-64 baseline), AVX-512F, and NEON
 //! (AArch64).
 #![deny(unsafe_op_in_unsafe_fn)]
+#![warn(clippy::undocumented_unsafe_blocks)]
 #![warn(missing_docs)]
 
 mod cache;

@@ -635,6 +635,20 @@ fn huge_leading_dimension_of_a_one_row_b() {
         )
         .unwrap();
         assert_eq!(c, [3.0; 16], "{opts:?}");
+        // Two rows of A take the blocked (packing) path.
+        let mut c = [0.0f32; 32];
+        gemm::gemm_with(
+            &opts,
+            1.0,
+            MatRef::dense(&[2.0f32, -1.0], 2, 1),
+            MatRef::new(&[1.5f32; 16], 1, 16, usize::MAX),
+            Transpose::No,
+            0.0,
+            MatMut::dense(&mut c, 2, 16),
+        )
+        .unwrap();
+        assert_eq!(c[..16], [3.0; 16], "{opts:?}");
+        assert_eq!(c[16..], [-1.5; 16], "{opts:?}");
         let mut c = [0.0f32; 1];
         gemm::gemm_with(
             &opts,

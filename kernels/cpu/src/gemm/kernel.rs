@@ -29,22 +29,19 @@ pub(crate) unsafe fn pack_a<const MR: usize>(args: &PackAArgs) {
         lda,
         out,
     } = *args;
-    for s in 0..mb.div_ceil(MR) {
-        let rows = MR.min(mb - s * MR);
-        // SAFETY: strip s starts at s*MR*kb < out's length (caller contract).
-        let dst = unsafe { out.add(s * MR * kb) };
-        // Row pointers of the strip; rows past `mb` are never dereferenced.
-        let src = unsafe { a.add(s * MR * lda) };
-        for p in 0..kb {
-            for i in 0..MR {
-                let v = if i < rows {
-                    // SAFETY: row s*MR+i < mb and column p < kb are inside A.
-                    unsafe { *src.add(i * lda + p) }
-                } else {
-                    0.0
-                };
-                // SAFETY: p*MR + i < MR*kb, inside the strip.
-                unsafe { *dst.add(p * MR + i) = v };
+    // SAFETY: strip s starts at s*MR*kb, inside `out` (caller contract); rows s*MR + i < mb
+    // and columns p < kb are inside A, and rows past `mb` are never dereferenced (zeros are
+    // written instead); p*MR + i < MR*kb stays inside the strip.
+    unsafe {
+        for s in 0..mb.div_ceil(MR) {
+            let rows = MR.min(mb - s * MR);
+            let dst = out.add(s * MR * kb);
+            let src = a.add(s * MR * lda);
+            for p in 0..kb {
+                for i in 0..MR {
+                    let v = if i < rows { *src.add(i * lda + p) } else { 0.0 };
+                    *dst.add(p * MR + i) = v;
+                }
             }
         }
     }
@@ -71,71 +68,71 @@ pub(crate) unsafe fn pack_b<S: Simd, B: Element, const NV: usize>(args: &PackBAr
     } = *args;
     let l = S::LANES;
     let nr = NV * l;
-    for s in 0..nb.div_ceil(nr) {
-        let cols = nr.min(nb - s * nr);
-        // SAFETY: strip s lies inside `out` (caller contract).
-        let dst = unsafe { out.add(s * nr * kb) };
-        match trans {
-            Transpose::No => {
-                // op(B)[p, j] = b[p*ldb + j]: rows of the strip are contiguous in memory.
-                // SAFETY (all accesses below): p < kb and s*nr + j < nb stay inside the panel;
-                // dst offsets stay below nr*kb.
-                let src = unsafe { b.add(s * nr) };
-                if cols == nr {
-                    for p in 0..kb {
-                        // Rows of B a few steps ahead (a hint, never dereferenced).
-                        S::prefetch(src.wrapping_add((p + 4) * ldb));
-                        for v in 0..NV {
-                            unsafe {
+    // SAFETY: strip s (s*nr*kb .. +nr*kb) lies inside `out`; every source access has
+    // p < kb and column s*nr + j < nb, inside the panel that `args.b` covers (caller
+    // contract); prefetch addresses are hints and never dereferenced; the ISA is available.
+    unsafe {
+        for s in 0..nb.div_ceil(nr) {
+            let cols = nr.min(nb - s * nr);
+            let dst = out.add(s * nr * kb);
+            match trans {
+                Transpose::No => {
+                    // op(B)[p, j] = b[p*ldb + j]: rows of the strip are contiguous in memory.
+                    let src = b.add(s * nr);
+                    if cols == nr {
+                        for p in 0..kb {
+                            if p + 4 < kb {
+                                // Four rows ahead (in bounds, so no overflow whatever ldb).
+                                S::prefetch(src.add((p + 4) * ldb));
+                            }
+                            for v in 0..NV {
                                 let x = load_as_f32::<S, B>(src.add(p * ldb + v * l));
                                 S::store(dst.add(p * nr + v * l), x);
                             }
                         }
+                    } else {
+                        for p in 0..kb {
+                            for j in 0..nr {
+                                let x = if j < cols {
+                                    (*src.add(p * ldb + j)).to_f32()
+                                } else {
+                                    0.0
+                                };
+                                *dst.add(p * nr + j) = x;
+                            }
+                        }
                     }
-                } else {
-                    for p in 0..kb {
+                }
+                Transpose::Yes => {
+                    // op(B)[p, j] = b[j*ldb + p]: each column of the strip is a contiguous row
+                    // of the storage; convert LANES x LANES blocks and transpose them into
+                    // place.
+                    let src = b.add(s * nr * ldb);
+                    let full_p = if cols == nr { kb - kb % l } else { 0 };
+                    let mut rows = [S::zero(); 16];
+                    // Groups outermost: only LANES source rows are live at a time, which
+                    // matters when the row stride is a multiple of 4 KiB (one L1 set).
+                    for g in 0..NV {
+                        for p0 in (0..full_p).step_by(l) {
+                            for (r, row) in rows.iter_mut().enumerate().take(l) {
+                                let at = src.add((g * l + r) * ldb + p0);
+                                // LANES strided streams are too many for the hardware
+                                // prefetcher to follow well: fetch each a few lines ahead.
+                                S::prefetch(at.wrapping_byte_add(PACK_PREFETCH));
+                                *row = load_as_f32::<S, B>(at);
+                            }
+                            S::transpose_store(&rows[..l], dst.add(p0 * nr + g * l), nr);
+                        }
+                    }
+                    for p in full_p..kb {
                         for j in 0..nr {
                             let x = if j < cols {
-                                unsafe { (*src.add(p * ldb + j)).to_f32() }
+                                (*src.add(j * ldb + p)).to_f32()
                             } else {
                                 0.0
                             };
-                            unsafe { *dst.add(p * nr + j) = x };
+                            *dst.add(p * nr + j) = x;
                         }
-                    }
-                }
-            }
-            Transpose::Yes => {
-                // op(B)[p, j] = b[j*ldb + p]: each column of the strip is a contiguous row of
-                // the storage; convert LANES x LANES blocks and transpose them into place.
-                // SAFETY (all accesses below): column s*nr + j < nb and p < kb stay inside the
-                // panel; dst offsets stay below nr*kb.
-                let src = unsafe { b.add(s * nr * ldb) };
-                let full_p = if cols == nr { kb - kb % l } else { 0 };
-                let mut rows = [unsafe { S::zero() }; 16];
-                // Groups outermost: only LANES source rows are live at a time, which matters
-                // when the row stride is a multiple of 4 KiB (all rows in one L1 set).
-                for g in 0..NV {
-                    for p0 in (0..full_p).step_by(l) {
-                        for (r, row) in rows.iter_mut().enumerate().take(l) {
-                            let at = unsafe { src.add((g * l + r) * ldb + p0) };
-                            // LANES strided streams are too many for the hardware prefetcher
-                            // to follow well: fetch each a few lines ahead (a hint, never
-                            // dereferenced).
-                            S::prefetch(at.wrapping_byte_add(PACK_PREFETCH));
-                            *row = unsafe { load_as_f32::<S, B>(at) };
-                        }
-                        unsafe { S::transpose_store(&rows[..l], dst.add(p0 * nr + g * l), nr) };
-                    }
-                }
-                for p in full_p..kb {
-                    for j in 0..nr {
-                        let x = if j < cols {
-                            unsafe { (*src.add(j * ldb + p)).to_f32() }
-                        } else {
-                            0.0
-                        };
-                        unsafe { *dst.add(p * nr + j) = x };
                     }
                 }
             }
@@ -190,7 +187,7 @@ unsafe fn microkernel<S: Simd, const MR: usize, const NV: usize>(
 ) {
     let l = S::LANES;
     let nrf = NV * l;
-    // SAFETY (whole body): the ISA is available; the packed panels hold kb steps of MR and
+    // SAFETY: the ISA is available; the packed panels hold kb steps of MR and
     // NR floats; C accesses stay inside the mr x nr tile (or the local `edge` buffer).
     unsafe {
         // The C tile is read (β ≠ 0) and written after the loop; its rows are far apart and
@@ -331,6 +328,7 @@ pub(crate) unsafe fn gemv<S: Simd, B: Element>(args: &GemvArgs<B>) {
     match args.trans {
         // SAFETY: forwarded contract.
         Transpose::Yes => unsafe { gemv_rows::<S, B>(args) },
+        // SAFETY: forwarded contract.
         Transpose::No => unsafe { gemv_cols::<S, B>(args) },
     }
 }
@@ -348,7 +346,7 @@ unsafe fn gemv_rows<S: Simd, B: Element>(args: &GemvArgs<B>) {
     let step = 2 * l;
     let full = k - k % step;
     for j in args.j0..args.j1 {
-        // SAFETY (whole body): j < n and p < k are inside B; p < k inside the one-row A;
+        // SAFETY: j < n and p < k are inside B; p < k inside the one-row A;
         // the prefetch address is only a hint and is never dereferenced.
         unsafe {
             let row = args.b.add(j * args.ldb);
@@ -383,7 +381,7 @@ unsafe fn gemv_cols<S: Simd, B: Element>(args: &GemvArgs<B>) {
         let wv = w - w % l;
         acc[..w].fill(0.0);
         let accp = acc.as_mut_ptr();
-        // SAFETY (whole loop): p < k rows and columns j0..j0+w <= n are inside B; acc has w.
+        // SAFETY: p < k rows and columns j0..j0+w <= n are inside B; acc has w.
         unsafe {
             let mut p = 0;
             while p < k {
