@@ -8,6 +8,8 @@
 //! * [`dtype`]: the element types a kernel may read ([`f32`], [`half::f16`], [`half::bf16`]);
 //! * [`MatRef`] / [`MatMut`]: a slice plus an explicit row-major shape and leading dimension
 //!   (no tensor type is imposed on the caller);
+//! * [`quant`]: the GGML-compatible quantized block formats (Q8_0, Q4_0, Q4_K, Q8_K) with
+//!   their reference quantizers and dequantizers;
 //! * [`reference`]: the oracle for every kernel, written as plainly as possible, with f64
 //!   accumulation, never optimized and never shared with the fast paths.
 #![deny(unsafe_op_in_unsafe_fn)]
@@ -17,6 +19,7 @@
 pub mod dtype;
 mod error;
 mod mat;
+pub mod quant;
 pub mod reference;
 pub mod shape;
 

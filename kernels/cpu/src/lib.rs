@@ -16,6 +16,7 @@ mod cache;
 pub mod gemm;
 mod isa;
 mod parallel;
+pub mod quant;
 mod scratch;
 mod simd;
 

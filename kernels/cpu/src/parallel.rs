@@ -31,6 +31,20 @@ impl Parallelism {
     }
 }
 
+/// A raw pointer that may cross threads: the driver hands each task a disjoint region.
+#[derive(Clone, Copy)]
+pub(crate) struct SendPtr<T>(pub(crate) *mut T);
+// SAFETY: only used to give rayon tasks disjoint regions of an output or scratch buffer; the
+// pointee outlives the parallel section (it is borrowed by the enclosing call).
+unsafe impl<T> Send for SendPtr<T> {}
+// SAFETY: as above; tasks never access the same elements.
+unsafe impl<T> Sync for SendPtr<T> {}
+impl<T> SendPtr<T> {
+    pub(crate) fn get(self) -> *mut T {
+        self.0
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -5,5 +5,7 @@
 //! that a property test can compare results element by element.
 
 mod gemm;
+mod quant;
 
 pub use gemm::{gemm, gemm_magnitude};
+pub use quant::{DotReference, quant_dot, quant_matmul};

@@ -19,6 +19,7 @@
 //! Results do not depend on the thread count: tile boundaries and each element's operation
 //! order are the same whichever thread computes it.
 
+use crate::parallel::SendPtr;
 use crate::{CacheInfo, Isa, Parallelism, scratch};
 use rayon::prelude::*;
 use tessera_core::shape::{GemmDims, check_gemm};
@@ -281,20 +282,6 @@ fn kernels<B: Element>(isa: Isa) -> Result<Kernels<B>> {
 
 // ---------------------------------------------------------------------------------------
 // Driver.
-
-/// A raw pointer that may cross threads: the driver hands each task a disjoint region.
-#[derive(Clone, Copy)]
-struct SendPtr<T>(*mut T);
-// SAFETY: only used to give rayon tasks disjoint regions of C / the packed panel; the
-// pointee outlives the parallel section (it is borrowed by the enclosing call).
-unsafe impl<T> Send for SendPtr<T> {}
-// SAFETY: as above; tasks never access the same elements.
-unsafe impl<T> Sync for SendPtr<T> {}
-impl<T> SendPtr<T> {
-    fn get(self) -> *mut T {
-        self.0
-    }
-}
 
 /// `C = β·C` (`β == 0` writes zeros without reading C).
 fn scale_c(c: &mut MatMut<'_, f32>, m: usize, n: usize, beta: f32) {

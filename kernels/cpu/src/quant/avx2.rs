@@ -1,0 +1,2 @@
+//! AVX2 variant (placeholder: the scalar kernels until the SIMD ones land).
+pub(super) use super::scalar::TABLE;

@@ -1,0 +1,468 @@
+//! Quantized matmul on GGML-compatible blocks: activation quantizers (f32 → Q8_0 / Q8_K),
+//! quantized dot products (Q8_0·Q8_0, Q4_0·Q8_0, Q4_K·Q8_K), and the matmul `C = A·Wᵀ` of f32
+//! activations with a quantized weight matrix (GEMV for one token, GEMM for many).
+//!
+//! # Layout and semantics
+//! * Weights `W` are `n` rows (output features) of `k` values each, stored as `n · (k / L)`
+//!   blocks row after row (`L` the block length: 32 for Q8_0/Q4_0, 256 for Q4_K): the layout
+//!   of a GGUF tensor and of a Hugging Face Linear weight `[out, in]`.
+//! * [`matmul`] quantizes each row of `A` (`m x k`, f32) once to the activation format that
+//!   pairs with the weights ([`WeightBlock::Act`]: Q8_0 for Q8_0/Q4_0, Q8_K for Q4_K), then
+//!   computes every `C[i, j]` (overwritten, `C` is `m x n`) as the quantized dot product of
+//!   activation row `i` with weight row `j`: an exact integer sum per block, scaled by the
+//!   blocks' scales and summed over the blocks in f32.
+//! * Results equal [`tessera_core::reference::quant_matmul`] up to the order of the f32 sum
+//!   over blocks; the activation quantizers produce the same bytes as
+//!   [`tessera_core::quant::quantize`] on every ISA.
+//! * Non-finite values: a NaN or infinite weight scale makes the outputs that use it NaN or
+//!   infinite (IEEE propagation). Activations follow GGML's quantizers: an infinite value
+//!   makes its block's scale infinite (outputs NaN); a NaN value quantizes to 0.
+//!
+//! # Design
+//! The activations are quantized into per-thread scratch once per call. The weight rows are
+//! split into one contiguous range per thread; within a range the kernel walks tiles of
+//! `MR` weight rows × `NR` tokens, each computing its `MR·NR` dot products over the whole row
+//! in registers, so every weight block is loaded once per tile and every activation block
+//! once per row group; tokens are taken in chunks whose quantized rows fit in half the L2.
+//! One token (decode) is the same walk with one token per tile: the weights stream once.
+
+mod scalar;
+
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+#[cfg(target_arch = "x86_64")]
+mod avx512;
+#[cfg(target_arch = "aarch64")]
+mod neon;
+
+use crate::parallel::SendPtr;
+use crate::{CacheInfo, Isa, Parallelism};
+use rayon::prelude::*;
+use tessera_core::shape::{check_len, check_matrix, checked_mul};
+use tessera_core::{Error, MatMut, MatRef, Result};
+
+pub use tessera_core::quant::{
+    BlockQ4_0, BlockQ4_K, BlockQ8_0, BlockQ8_K, QK, QK_K, QuantBlock, QuantFormat, WeightBlock,
+};
+
+/// Every knob of a quantized matmul.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct QuantOptions {
+    /// Instruction set; `None` picks [`Isa::detect`].
+    pub isa: Option<Isa>,
+    /// Threads to split the work for.
+    pub parallelism: Parallelism,
+}
+
+// ---------------------------------------------------------------------------------------
+// Kernel tables (one per ISA).
+
+/// One tile of dot products: `rows` weight rows × `tokens` activation rows, over `kb` blocks.
+pub(crate) struct Tile<W: WeightBlock> {
+    /// Blocks per row (the whole reduction).
+    pub kb: usize,
+    /// Weight row `r` (`r < rows`) starts at `w + r·ldw`.
+    pub w: *const W,
+    pub ldw: usize,
+    pub rows: usize,
+    /// Activation row `t` (`t < tokens`) starts at `a + t·lda`; `sums + t·lda` holds the sums
+    /// of the quants of its blocks (one `i32` per block).
+    pub a: *const W::Act,
+    pub sums: *const i32,
+    pub lda: usize,
+    pub tokens: usize,
+    /// `C[t, r]` is written to `c + t·ldc + r`.
+    pub c: *mut f32,
+    pub ldc: usize,
+}
+
+/// A tile kernel.
+///
+/// # Safety
+/// The ISA of the kernel is available; `1 <= rows <= MR`, `1 <= tokens <= NR`, `kb >= 1`, and
+/// every pointer covers what [`Tile`] says is read or written.
+pub(crate) type TileFn<W> = unsafe fn(&Tile<W>);
+
+/// An activation quantizer: `nb` blocks from `x` (`nb · A::LEN` floats) into `out`, and the
+/// sum of each block's quants into `sums`.
+///
+/// # Safety
+/// The ISA of the kernel is available; `x`, `out` and `sums` cover `nb` blocks.
+pub(crate) type QuantizeFn<A> = unsafe fn(x: *const f32, nb: usize, out: *mut A, sums: *mut i32);
+
+/// A weight format's tile kernel and its register tile.
+pub(crate) struct Kernels<W: WeightBlock> {
+    /// Weight rows per tile (at most).
+    pub mr: usize,
+    /// Tokens per tile (at most).
+    pub nr: usize,
+    pub tile: TileFn<W>,
+}
+
+/// Everything one ISA provides.
+pub(crate) struct Table {
+    pub q8_0: Kernels<BlockQ8_0>,
+    pub q4_0: Kernels<BlockQ4_0>,
+    pub q4_k: Kernels<BlockQ4_K>,
+    pub quantize_q8_0: QuantizeFn<BlockQ8_0>,
+    pub quantize_q8_k: QuantizeFn<BlockQ8_K>,
+}
+
+/// The kernel table of `isa`, or [`Error::IsaUnavailable`].
+fn table(isa: Isa) -> Result<&'static Table> {
+    isa.check()?;
+    match isa {
+        Isa::Scalar => Ok(&scalar::TABLE),
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => Ok(&avx2::TABLE),
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => {
+            if avx512::available() {
+                Ok(&avx512::TABLE)
+            } else {
+                Err(Error::IsaUnavailable {
+                    isa: "avx512 with avx512bw and avx512vnni (quant kernels)",
+                })
+            }
+        }
+        #[cfg(target_arch = "aarch64")]
+        Isa::Neon => Ok(neon::table()),
+        #[allow(unreachable_patterns)]
+        _ => Err(Error::IsaUnavailable { isa: isa.name() }),
+    }
+}
+
+/// Whether the quant kernels of `isa` can run here (for `Avx512` this also needs AVX-512 BW
+/// and VNNI, which the `gemm` kernels do not).
+pub fn is_available(isa: Isa) -> bool {
+    table(isa).is_ok()
+}
+
+/// Per-format access to a table, with the slices cast to the concrete block types.
+trait Dispatch: WeightBlock {
+    fn kernels(t: &'static Table) -> &'static Kernels<Self>;
+    fn quantizer(t: &'static Table) -> QuantizeFn<Self::Act>;
+}
+impl Dispatch for BlockQ8_0 {
+    fn kernels(t: &'static Table) -> &'static Kernels<Self> {
+        &t.q8_0
+    }
+    fn quantizer(t: &'static Table) -> QuantizeFn<BlockQ8_0> {
+        t.quantize_q8_0
+    }
+}
+impl Dispatch for BlockQ4_0 {
+    fn kernels(t: &'static Table) -> &'static Kernels<Self> {
+        &t.q4_0
+    }
+    fn quantizer(t: &'static Table) -> QuantizeFn<BlockQ8_0> {
+        t.quantize_q8_0
+    }
+}
+impl Dispatch for BlockQ4_K {
+    fn kernels(t: &'static Table) -> &'static Kernels<Self> {
+        &t.q4_k
+    }
+    fn quantizer(t: &'static Table) -> QuantizeFn<BlockQ8_K> {
+        t.quantize_q8_k
+    }
+}
+
+/// Runs `f` with the concrete block type behind the generic `W` (the slices are cast, which
+/// is free: same type, same bytes).
+macro_rules! with_format {
+    ($W:ty, $w:expr, $a:expr, |$wv:ident, $av:ident| $body:expr) => {{
+        match <$W as QuantBlock>::FORMAT {
+            QuantFormat::Q8_0 => {
+                let $wv: &[BlockQ8_0] = bytemuck::cast_slice($w);
+                let $av: &[BlockQ8_0] = bytemuck::cast_slice($a);
+                $body
+            }
+            QuantFormat::Q4_0 => {
+                let $wv: &[BlockQ4_0] = bytemuck::cast_slice($w);
+                let $av: &[BlockQ8_0] = bytemuck::cast_slice($a);
+                $body
+            }
+            QuantFormat::Q4K => {
+                let $wv: &[BlockQ4_K] = bytemuck::cast_slice($w);
+                let $av: &[BlockQ8_K] = bytemuck::cast_slice($a);
+                $body
+            }
+            QuantFormat::Q8K => Err(Error::InvalidArgument(
+                "q8_K is an activation format, not a weight format".into(),
+            )),
+        }
+    }};
+}
+
+// ---------------------------------------------------------------------------------------
+// Activation quantization.
+
+/// Quantizes `x` into activation blocks (`A` = [`BlockQ8_0`] or [`BlockQ8_K`]) with the best
+/// ISA; the bytes are exactly those of [`tessera_core::quant::quantize`].
+pub fn quantize_act<A: QuantBlock>(x: &[f32], out: &mut [A]) -> Result<()> {
+    quantize_act_with_isa(Isa::detect(), x, out)
+}
+
+/// [`quantize_act`] with an explicit instruction set.
+pub fn quantize_act_with_isa<A: QuantBlock>(isa: Isa, x: &[f32], out: &mut [A]) -> Result<()> {
+    let t = table(isa)?;
+    let nb = tessera_core::quant::blocks_per_row(A::FORMAT, x.len())?;
+    check_len("activation blocks", nb, out.len())?;
+    let mut sums = vec![0i32; nb];
+    match A::FORMAT {
+        QuantFormat::Q8_0 => {
+            let out: &mut [BlockQ8_0] = bytemuck::cast_slice_mut(out);
+            // SAFETY: the table's ISA is available; x holds nb·32 floats, out and sums nb.
+            unsafe { (t.quantize_q8_0)(x.as_ptr(), nb, out.as_mut_ptr(), sums.as_mut_ptr()) }
+        }
+        QuantFormat::Q8K => {
+            let out: &mut [BlockQ8_K] = bytemuck::cast_slice_mut(out);
+            // SAFETY: as above, with nb·256 floats.
+            unsafe { (t.quantize_q8_k)(x.as_ptr(), nb, out.as_mut_ptr(), sums.as_mut_ptr()) }
+        }
+        f => {
+            return Err(Error::InvalidArgument(format!(
+                "{f} is a weight format; activations are quantized to q8_0 or q8_K"
+            )));
+        }
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// Dot product.
+
+/// The dot product of a row of weight blocks with a row of activation blocks (as produced by
+/// [`quantize_act`]), with the best ISA.
+///
+/// Errors when the lengths differ, or for Q8_0 weights when an activation quant is −128
+/// (outside the ±127 range the quantizers produce, which the Q8_0 kernels rely on).
+pub fn dot<W: WeightBlock>(w: &[W], a: &[W::Act]) -> Result<f32> {
+    dot_with_isa(Isa::detect(), w, a)
+}
+
+/// [`dot`] with an explicit instruction set.
+pub fn dot_with_isa<W: WeightBlock>(isa: Isa, w: &[W], a: &[W::Act]) -> Result<f32> {
+    let t = table(isa)?;
+    check_len("activation blocks", w.len(), a.len())?;
+    with_format!(W, w, a, |wv, av| dot_impl(t, wv, av))
+}
+
+fn dot_impl<W: Dispatch>(t: &'static Table, w: &[W], a: &[W::Act]) -> Result<f32> {
+    let kb = w.len();
+    if kb == 0 {
+        return Ok(0.0);
+    }
+    if W::FORMAT == QuantFormat::Q8_0 {
+        let qs: &[BlockQ8_0] = bytemuck::cast_slice(a);
+        if qs.iter().any(|b| b.qs.contains(&i8::MIN)) {
+            return Err(Error::InvalidArgument(
+                "q8_0 activations must lie in [-127, 127] (as the quantizers produce)".into(),
+            ));
+        }
+    }
+    let sums = block_sums(a);
+    let mut out = 0f32;
+    let tile = Tile {
+        kb,
+        w: w.as_ptr(),
+        ldw: kb,
+        rows: 1,
+        a: a.as_ptr(),
+        sums: sums.as_ptr(),
+        lda: kb,
+        tokens: 1,
+        c: &mut out,
+        ldc: 1,
+    };
+    // SAFETY: the ISA is available; one row and one token of kb blocks, sums of kb entries,
+    // one output.
+    unsafe { (W::kernels(t).tile)(&tile) };
+    Ok(out)
+}
+
+/// The sum of the quants of each activation block.
+fn block_sums<A: QuantBlock>(a: &[A]) -> Vec<i32> {
+    let bytes: &[u8] = bytemuck::cast_slice(a);
+    let size = std::mem::size_of::<A>();
+    // The quants are the i8 run after the scale: bytes 2..34 (Q8_0), 4..260 (Q8_K).
+    let (off, len) = match A::FORMAT {
+        QuantFormat::Q8_0 => (2, QK),
+        _ => (4, QK_K),
+    };
+    bytes
+        .chunks_exact(size)
+        .map(|b| b[off..off + len].iter().map(|&q| q as i8 as i32).sum())
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------------
+// Matmul.
+
+/// `C = A·Wᵀ` with the best ISA and every thread of the current rayon pool: `A` is `m x k`
+/// f32 activations, `w` holds `n` rows of `k / W::LEN` blocks, `C` (`m x n`) is overwritten.
+///
+/// Errors when `k` is not a multiple of the block length, `w` does not hold exactly
+/// `n · k / W::LEN` blocks, or `A`/`C` do not match their shapes and leading dimensions.
+pub fn matmul<W: WeightBlock>(
+    a: MatRef<'_, f32>,
+    w: &[W],
+    n: usize,
+    c: MatMut<'_, f32>,
+) -> Result<()> {
+    matmul_with(&QuantOptions::default(), a, w, n, c)
+}
+
+/// [`matmul`] with every knob explicit.
+pub fn matmul_with<W: WeightBlock>(
+    opts: &QuantOptions,
+    a: MatRef<'_, f32>,
+    w: &[W],
+    n: usize,
+    c: MatMut<'_, f32>,
+) -> Result<()> {
+    let t = table(opts.isa.unwrap_or_else(Isa::detect))?;
+    let (m, k) = (a.rows, a.cols);
+    check_matrix("A", m, k, a.ld, a.data.len())?;
+    let kb = tessera_core::quant::blocks_per_row(W::FORMAT, k)?;
+    check_len(
+        "weight blocks",
+        checked_mul(n, kb, "weight rows x blocks per row")?,
+        w.len(),
+    )?;
+    if c.rows != m || c.cols != n {
+        return Err(Error::ShapeMismatch {
+            what: format!("C is {}x{} but A·Wᵀ is {m}x{n}", c.rows, c.cols),
+        });
+    }
+    check_matrix("C", m, n, c.ld, c.data.len())?;
+    let threads = opts.parallelism.threads();
+    let empty: &[W::Act] = &[];
+    with_format!(W, w, empty, |wv, _av| {
+        matmul_impl(t, threads, a, wv, n, kb, c);
+        Ok(())
+    })
+}
+
+/// The validated matmul: shapes checked by the caller.
+fn matmul_impl<W: Dispatch>(
+    t: &'static Table,
+    threads: usize,
+    a: MatRef<'_, f32>,
+    w: &[W],
+    n: usize,
+    kb: usize,
+    c: MatMut<'_, f32>,
+) {
+    let m = a.rows;
+    if m == 0 || n == 0 {
+        return;
+    }
+    if kb == 0 {
+        for i in 0..m {
+            c.data[i * c.ld..i * c.ld + n].fill(0.0);
+        }
+        return;
+    }
+    let kern = W::kernels(t);
+    let quantize = W::quantizer(t);
+    let act_size = std::mem::size_of::<W::Act>();
+    // Scratch: the block sums (i32), then the activation blocks, 64-byte aligned.
+    let blocks = m * kb;
+    let sums_slots = blocks.div_ceil(16) * 16;
+    let act_slots = (blocks * act_size).div_ceil(4);
+    let mut buf = crate::scratch::take();
+    {
+        let flat = buf.get(sums_slots + act_slots);
+        let (sums_f, act_f) = flat.split_at_mut(sums_slots);
+        let sums: &mut [i32] = &mut bytemuck::cast_slice_mut::<f32, i32>(sums_f)[..blocks];
+        let act_bytes: &mut [u8] = bytemuck::cast_slice_mut(act_f);
+        let act: &mut [W::Act] = bytemuck::cast_slice_mut(&mut act_bytes[..blocks * act_size]);
+        let k = a.cols;
+
+        // Quantize the activations, a row per task.
+        let quantize_row = |i: usize, act_row: &mut [W::Act], sums_row: &mut [i32]| {
+            let x = &a.data[i * a.ld..i * a.ld + k];
+            // SAFETY: the table's ISA is available; x holds kb blocks' worth of floats and
+            // act_row / sums_row kb entries each.
+            unsafe { quantize(x.as_ptr(), kb, act_row.as_mut_ptr(), sums_row.as_mut_ptr()) }
+        };
+        if threads > 1 && m > 1 {
+            act.par_chunks_mut(kb)
+                .zip(sums.par_chunks_mut(kb))
+                .enumerate()
+                .with_min_len(m.div_ceil(threads))
+                .for_each(|(i, (ar, sr))| quantize_row(i, ar, sr));
+        } else {
+            for (i, (ar, sr)) in act.chunks_mut(kb).zip(sums.chunks_mut(kb)).enumerate() {
+                quantize_row(i, ar, sr);
+            }
+        }
+
+        // Tokens per chunk: their quantized rows fill at most half of the L2.
+        let (mr, nr) = (kern.mr, kern.nr);
+        let l2 = CacheInfo::detect().l2;
+        let chunk = ((l2 / 2) / (kb * act_size)).max(nr) / nr * nr;
+        // Weight rows per thread: contiguous ranges, multiples of MR.
+        let per = n.div_ceil(mr).div_ceil(threads).max(1) * mr;
+        let ranges = n.div_ceil(per);
+        let cptr = SendPtr(c.data.as_mut_ptr());
+        let (ldc, tile) = (c.ld, kern.tile);
+        let act: &[W::Act] = act;
+        let sums: &[i32] = sums;
+        let run = |ri: usize| {
+            let (r_start, r_end) = (ri * per, ((ri + 1) * per).min(n));
+            for t0 in (0..m).step_by(chunk) {
+                let t_end = (t0 + chunk).min(m);
+                for r0 in (r_start..r_end).step_by(mr) {
+                    for t1 in (t0..t_end).step_by(nr) {
+                        let tile_args = Tile {
+                            kb,
+                            w: w[r0 * kb..].as_ptr(),
+                            ldw: kb,
+                            rows: mr.min(r_end - r0),
+                            a: act[t1 * kb..].as_ptr(),
+                            sums: sums[t1 * kb..].as_ptr(),
+                            lda: kb,
+                            tokens: nr.min(t_end - t1),
+                            // SAFETY: t1 < m and r0 < n, so the offset lies inside C.
+                            c: unsafe { cptr.get().add(t1 * ldc + r0) },
+                            ldc,
+                        };
+                        // SAFETY: the ISA is available; the tile's rows and tokens lie inside
+                        // W, the activations and C (validated shapes); each range of weight
+                        // rows is one task's, so the tasks write disjoint columns of C.
+                        unsafe { tile(&tile_args) };
+                    }
+                }
+            }
+        };
+        if ranges > 1 {
+            (0..ranges).into_par_iter().for_each(run);
+        } else {
+            run(0);
+        }
+    }
+    crate::scratch::give(buf);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytemuck::Zeroable;
+
+    #[test]
+    fn block_sums_read_the_quants() {
+        let mut b = BlockQ8_0::zeroed();
+        b.d = tessera_core::f16::from_f32(3.0);
+        b.qs[0] = -5;
+        b.qs[31] = 7;
+        assert_eq!(block_sums(&[b]), vec![2]);
+        let mut k = BlockQ8_K::zeroed();
+        k.d = 1e9;
+        k.qs[255] = -128;
+        k.qs[0] = 1;
+        assert_eq!(block_sums(&[k]), vec![-127]);
+    }
+}

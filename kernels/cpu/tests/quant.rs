@@ -1,0 +1,506 @@
+//! Property tests of the quantized kernels: every available ISA × every weight format, against
+//! `tessera_core::reference` (the activation quantizers byte for byte; the matmul and dot
+//! products against the exact integer computation), and against the f64 product of the
+//! dequantized weights with the original f32 activations within the quantization error bound.
+//!
+//! Tolerance against the reference (derived, not tuned): every block's integer sum is exact
+//! in both; the kernels convert it to f32 (exact below 2²⁴, one rounding above), multiply by
+//! the product of the two scales (two roundings) and add the blocks in f32 in some order, so
+//! each output is within γ_(kb+4)·Σ|termᵢ| of the exact value (`kb` blocks, Q4_K counting
+//! its scale and min terms as two), plus the reference's own final rounding u·|ref| and the
+//! smallest normal f32 as a floor.
+
+use bytemuck::Zeroable;
+use half::f16;
+use proptest::prelude::*;
+use tessera_core::quant::{self as q, BlockQ4_0, BlockQ4_K, BlockQ8_0, BlockQ8_K, QuantBlock};
+use tessera_core::reference::{self, DotReference};
+use tessera_core::{Error, MatMut, MatRef};
+use tessera_cpu::quant::{self, QuantOptions};
+use tessera_cpu::{Isa, Parallelism};
+
+const U: f64 = 1.0 / (1u64 << 24) as f64;
+
+fn gamma(j: usize) -> f64 {
+    let ju = j as f64 * U;
+    ju / (1.0 - ju)
+}
+
+/// The quant ISAs this machine runs.
+fn isas() -> Vec<Isa> {
+    Isa::ALL
+        .into_iter()
+        .filter(|&i| quant::is_available(i))
+        .collect()
+}
+
+/// A small deterministic generator (the proptest seed drives it).
+struct Rng(u64);
+impl Rng {
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        self.0 >> 11
+    }
+    /// Uniform in [-1, 1).
+    fn unit(&mut self) -> f32 {
+        (self.next_u64() >> 29) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
+    }
+    fn byte(&mut self) -> u8 {
+        (self.next_u64() >> 20) as u8
+    }
+}
+
+/// Activations: uniform values with, sometimes, outliers, exact zeros, repeated maxima of
+/// either sign and values on the rounding ties of the quantizers.
+fn activations(rng: &mut Rng, len: usize, scale: f32) -> Vec<f32> {
+    (0..len)
+        .map(|i| {
+            let v = rng.unit() * scale;
+            match rng.next_u64() % 16 {
+                0 => 0.0,
+                1 => v * 8.0,
+                2 => -scale * 2.0,
+                3 => scale * 2.0,
+                // Ties: halves of the Q8 grid when the block max is 2·scale.
+                4 => (i % 255) as f32 / 127.0 * scale * 2.0 * 0.5,
+                _ => v,
+            }
+        })
+        .collect()
+}
+
+/// A weight block of each format, either quantized from random floats (realistic) or random
+/// bytes with a finite, moderate scale (every code, including Q8_0's −128).
+trait TestWeight: DotReference + Copy {
+    fn random(rng: &mut Rng, quantized: bool) -> Self;
+}
+
+fn scale_f16(rng: &mut Rng) -> f16 {
+    f16::from_f32((rng.unit() * 0.05).abs() + 1e-3)
+}
+
+impl TestWeight for BlockQ8_0 {
+    fn random(rng: &mut Rng, quantized: bool) -> Self {
+        if quantized {
+            return Self::quantize_block(&activations(rng, Self::LEN, 0.5));
+        }
+        let mut b = Self::zeroed();
+        b.d = scale_f16(rng);
+        b.qs.iter_mut().for_each(|x| *x = rng.byte() as i8);
+        b
+    }
+}
+impl TestWeight for BlockQ4_0 {
+    fn random(rng: &mut Rng, quantized: bool) -> Self {
+        if quantized {
+            return Self::quantize_block(&activations(rng, Self::LEN, 0.5));
+        }
+        let mut b = Self::zeroed();
+        b.d = scale_f16(rng);
+        b.qs.iter_mut().for_each(|x| *x = rng.byte());
+        b
+    }
+}
+impl TestWeight for BlockQ4_K {
+    fn random(rng: &mut Rng, quantized: bool) -> Self {
+        if quantized {
+            return Self::quantize_block(&activations(rng, Self::LEN, 0.5));
+        }
+        let mut b = Self::zeroed();
+        b.d = scale_f16(rng);
+        b.dmin = scale_f16(rng);
+        b.scales.iter_mut().for_each(|x| *x = rng.byte());
+        b.qs.iter_mut().for_each(|x| *x = rng.byte());
+        b
+    }
+}
+
+/// A matmul problem.
+#[derive(Debug, Clone)]
+struct Problem {
+    m: usize,
+    n: usize,
+    kb: usize,
+    lda_pad: usize,
+    ldc_pad: usize,
+    quantized_weights: bool,
+    seed: u64,
+}
+
+/// Token and row counts: 0, 1, and one below / at / one above the tiles (MR and NR up to 8).
+fn count() -> impl Strategy<Value = usize> {
+    prop_oneof![
+        2 => 0usize..=2,
+        5 => prop::sample::select(vec![3usize, 4, 5, 6, 7, 8, 9, 11, 12, 13, 15, 16, 17, 23, 33]),
+        2 => 1usize..40,
+    ]
+}
+
+prop_compose! {
+    fn problem(max_kb: usize)(
+        m in count(), n in count(), kb in 0usize..=max_kb,
+        lda_pad in 0usize..3, ldc_pad in 0usize..3,
+        quantized_weights in any::<bool>(), seed in any::<u64>(),
+    ) -> Problem {
+        Problem { m, n, kb, lda_pad, ldc_pad, quantized_weights, seed }
+    }
+}
+
+/// Runs the problem on `isa` with `threads` and checks it against the reference; returns C.
+fn check_matmul<W: TestWeight>(p: &Problem, isa: Isa, threads: usize) -> Vec<f32> {
+    let k = p.kb * W::LEN;
+    let mut rng = Rng(p.seed);
+    let lda = k + p.lda_pad;
+    let ldc = p.n + p.ldc_pad;
+    let a = activations(&mut rng, p.m.max(1) * lda, 1.0);
+    let w: Vec<W> = (0..p.n * p.kb)
+        .map(|_| W::random(&mut rng, p.quantized_weights))
+        .collect();
+    let c_len = if p.m == 0 { 0 } else { (p.m - 1) * ldc + p.n };
+    let mut c = vec![f32::NAN; c_len];
+    let mut c_ref = vec![f32::NAN; c_len];
+    let opts = QuantOptions {
+        isa: Some(isa),
+        parallelism: Parallelism::Threads(threads),
+    };
+    quant::matmul_with(
+        &opts,
+        MatRef::new(&a, p.m, k, lda),
+        &w,
+        p.n,
+        MatMut::new(&mut c, p.m, p.n, ldc),
+    )
+    .unwrap();
+    let mags = reference::quant_matmul(
+        MatRef::new(&a, p.m, k, lda),
+        &w,
+        p.n,
+        MatMut::new(&mut c_ref, p.m, p.n, ldc),
+    )
+    .unwrap();
+    let terms = if W::FORMAT == q::QuantFormat::Q4K {
+        2 * p.kb
+    } else {
+        p.kb
+    };
+    for i in 0..p.m {
+        for j in 0..p.n {
+            let (got, want) = (c[i * ldc + j] as f64, c_ref[i * ldc + j] as f64);
+            let tol =
+                gamma(terms + 4) * mags[i * p.n + j] + U * want.abs() + f32::MIN_POSITIVE as f64;
+            assert!(
+                (got - want).abs() <= tol,
+                "{isa:?} {:?} t{threads} C[{i},{j}] = {got}, reference {want}, tol {tol}",
+                W::FORMAT
+            );
+        }
+    }
+    // Padding between rows of C is never written.
+    for i in 0..p.m.saturating_sub(1) {
+        for j in p.n..ldc {
+            assert!(c[i * ldc + j].is_nan(), "padding C[{i},{j}] was written");
+        }
+    }
+    c
+}
+
+fn check_all_isas<W: TestWeight>(p: &Problem) {
+    for isa in isas() {
+        let one = check_matmul::<W>(p, isa, 1);
+        let three = check_matmul::<W>(p, isa, 3);
+        // Each output is computed by the same operations whichever thread runs it.
+        let same = one
+            .iter()
+            .zip(&three)
+            .all(|(x, y)| x.to_bits() == y.to_bits() || (x.is_nan() && y.is_nan()));
+        assert!(same, "{isa:?} {:?}: 1 and 3 threads differ", W::FORMAT);
+    }
+}
+
+/// The kernels against the product of the dequantized weights with the original f32
+/// activations: the difference is the activations' quantization error (at most half a step
+/// of their grid, plus the f16 rounding of Q8_0's scale), weighted by |ŵ|, plus f32 rounding.
+fn check_against_dequantized<W: TestWeight>(p: &Problem, isa: Isa) {
+    let k = p.kb * W::LEN;
+    if p.m == 0 || p.n == 0 || k == 0 {
+        return;
+    }
+    let mut rng = Rng(p.seed ^ 0xdead_beef);
+    let a = activations(&mut rng, p.m * k, 1.0);
+    let w: Vec<W> = (0..p.n * p.kb).map(|_| W::random(&mut rng, true)).collect();
+    let mut wd = vec![0f32; p.n * k];
+    q::dequantize(&w, &mut wd).unwrap();
+    let mut c = vec![0f32; p.m * p.n];
+    let opts = QuantOptions {
+        isa: Some(isa),
+        parallelism: Parallelism::Sequential,
+    };
+    quant::matmul_with(
+        &opts,
+        MatRef::dense(&a, p.m, k),
+        &w,
+        p.n,
+        MatMut::dense(&mut c, p.m, p.n),
+    )
+    .unwrap();
+    let act_len = <W::Act as QuantBlock>::LEN;
+    // Step error of one activation block: d/2 with d = amax/127, plus |q|·|d − f16(d)| for
+    // Q8_0's f16 scale (q ≤ 127, relative f16 rounding 2⁻¹¹).
+    let f16_term = if act_len == q::QK {
+        127.0 / 2048.0
+    } else {
+        0.0
+    };
+    for i in 0..p.m {
+        for j in 0..p.n {
+            let (mut exact, mut bound, mut mag) = (0f64, 0f64, 0f64);
+            for (bi, (xa, xw)) in a[i * k..(i + 1) * k]
+                .chunks(act_len)
+                .zip(wd[j * k..(j + 1) * k].chunks(act_len))
+                .enumerate()
+            {
+                let _ = bi;
+                let amax = xa.iter().fold(0f64, |m, v| m.max(v.abs() as f64));
+                let step_err = amax / 127.0 * (0.5 + f16_term) * (1.0 + 1e-6);
+                for (&x, &y) in xa.iter().zip(xw) {
+                    exact += x as f64 * y as f64;
+                    bound += (y as f64).abs() * step_err;
+                    mag += (x as f64 * y as f64).abs() + (y as f64).abs() * step_err;
+                }
+            }
+            let tol = bound + gamma(p.kb * 2 + 8) * mag * 4.0 + 1e-6;
+            let got = c[i * p.n + j] as f64;
+            assert!(
+                (got - exact).abs() <= tol,
+                "{isa:?} {:?}: C[{i},{j}] = {got}, f64 of dequantized {exact}, bound {tol}",
+                W::FORMAT
+            );
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+    #[test]
+    fn q8_0_matches_reference(p in problem(9)) {
+        check_all_isas::<BlockQ8_0>(&p);
+    }
+
+    #[test]
+    fn q4_0_matches_reference(p in problem(9)) {
+        check_all_isas::<BlockQ4_0>(&p);
+    }
+
+    #[test]
+    fn q4_k_matches_reference(p in problem(3)) {
+        check_all_isas::<BlockQ4_K>(&p);
+    }
+
+    #[test]
+    fn quantized_matmul_is_within_the_quantization_error(p in problem(4)) {
+        for isa in isas() {
+            check_against_dequantized::<BlockQ8_0>(&p, isa);
+            check_against_dequantized::<BlockQ4_0>(&p, isa);
+            check_against_dequantized::<BlockQ4_K>(&p, isa);
+        }
+    }
+
+    #[test]
+    fn activation_quantizers_match_the_reference_bytes(
+        nb in 0usize..12, scale_exp in -20i32..20, seed in any::<u64>(), specials in any::<bool>(),
+    ) {
+        let mut rng = Rng(seed);
+        let scale = 2f32.powi(scale_exp);
+        let mut x = activations(&mut rng, nb * q::QK_K, scale);
+        if specials && !x.is_empty() {
+            let len = x.len();
+            x[(seed as usize) % len] = f32::NAN;
+            x[(seed as usize / 7) % len] = f32::INFINITY;
+            x[(seed as usize / 13) % len] = -0.0;
+        }
+        let mut want0 = vec![BlockQ8_0::zeroed(); nb * 8];
+        let mut wantk = vec![BlockQ8_K::zeroed(); nb];
+        q::quantize(&x, &mut want0).unwrap();
+        q::quantize(&x, &mut wantk).unwrap();
+        for isa in isas() {
+            let mut got0 = vec![BlockQ8_0::zeroed(); nb * 8];
+            let mut gotk = vec![BlockQ8_K::zeroed(); nb];
+            quant::quantize_act_with_isa(isa, &x, &mut got0).unwrap();
+            quant::quantize_act_with_isa(isa, &x, &mut gotk).unwrap();
+            let b = |v: &[BlockQ8_0]| bytemuck::cast_slice::<_, u8>(v).to_vec();
+            prop_assert_eq!(b(&got0), b(&want0), "{:?} q8_0", isa);
+            let bk = |v: &[BlockQ8_K]| bytemuck::cast_slice::<_, u8>(v).to_vec();
+            prop_assert_eq!(bk(&gotk), bk(&wantk), "{:?} q8_K", isa);
+        }
+    }
+
+    #[test]
+    fn dot_matches_reference(kb in 0usize..20, seed in any::<u64>(), quantized in any::<bool>()) {
+        let mut rng = Rng(seed);
+        let x = activations(&mut rng, kb * q::QK_K, 1.0);
+        let mut a0 = vec![BlockQ8_0::zeroed(); kb * 8];
+        let mut ak = vec![BlockQ8_K::zeroed(); kb];
+        q::quantize(&x, &mut a0).unwrap();
+        q::quantize(&x, &mut ak).unwrap();
+        let w8: Vec<BlockQ8_0> = (0..kb * 8).map(|_| BlockQ8_0::random(&mut rng, quantized)).collect();
+        let w4: Vec<BlockQ4_0> = (0..kb * 8).map(|_| BlockQ4_0::random(&mut rng, quantized)).collect();
+        let wk: Vec<BlockQ4_K> = (0..kb).map(|_| BlockQ4_K::random(&mut rng, quantized)).collect();
+        for isa in isas() {
+            let check = |got: f32, (want, mag): (f64, f64), terms: usize| {
+                let tol = gamma(terms + 4) * mag + U * want.abs() + f32::MIN_POSITIVE as f64;
+                assert!((got as f64 - want).abs() <= tol, "{isa:?}: {got} vs {want} (tol {tol})");
+            };
+            check(quant::dot_with_isa(isa, &w8, &a0).unwrap(), reference::quant_dot(&w8, &a0).unwrap(), kb * 8);
+            check(quant::dot_with_isa(isa, &w4, &a0).unwrap(), reference::quant_dot(&w4, &a0).unwrap(), kb * 8);
+            check(quant::dot_with_isa(isa, &wk, &ak).unwrap(), reference::quant_dot(&wk, &ak).unwrap(), kb * 2);
+        }
+    }
+}
+
+#[test]
+fn bad_shapes_are_errors() {
+    let a = vec![0f32; 64];
+    let w = vec![BlockQ8_0::zeroed(); 4];
+    let mut c = vec![0f32; 4];
+    for isa in isas() {
+        let opts = QuantOptions {
+            isa: Some(isa),
+            parallelism: Parallelism::Sequential,
+        };
+        // k = 48 is not a multiple of 32.
+        let r = quant::matmul_with(
+            &opts,
+            MatRef::dense(&a[..48], 1, 48),
+            &w,
+            2,
+            MatMut::dense(&mut c[..2], 1, 2),
+        );
+        assert!(matches!(r, Err(Error::InvalidArgument(_))), "{r:?}");
+        // 4 blocks for n = 3 rows of 1 block.
+        let r = quant::matmul_with(
+            &opts,
+            MatRef::dense(&a[..32], 1, 32),
+            &w,
+            3,
+            MatMut::dense(&mut c[..3], 1, 3),
+        );
+        assert!(matches!(r, Err(Error::LengthMismatch { .. })), "{r:?}");
+        // C too short: 2 x 2 with ldc 2 needs 4, give 3.
+        let r = quant::matmul_with(
+            &opts,
+            MatRef::dense(&a, 2, 32),
+            &w[..2],
+            2,
+            MatMut::new(&mut c[..3], 2, 2, 2),
+        );
+        assert!(matches!(r, Err(Error::SliceTooShort { .. })), "{r:?}");
+        // C of the wrong shape.
+        let r = quant::matmul_with(
+            &opts,
+            MatRef::dense(&a, 2, 32),
+            &w[..2],
+            2,
+            MatMut::dense(&mut c[..2], 1, 2),
+        );
+        assert!(matches!(r, Err(Error::ShapeMismatch { .. })), "{r:?}");
+        // A's leading dimension below its row.
+        let r = quant::matmul_with(
+            &opts,
+            MatRef::new(&a, 2, 32, 16),
+            &w[..2],
+            2,
+            MatMut::dense(&mut c, 2, 2),
+        );
+        assert!(matches!(r, Err(Error::LeadingDimension { .. })), "{r:?}");
+        // Overflowing n x blocks.
+        let r = quant::matmul_with(
+            &opts,
+            MatRef::dense(&a[..32], 1, 32),
+            &w,
+            usize::MAX,
+            MatMut::dense(&mut c[..0], 1, 0),
+        );
+        assert!(r.is_err(), "{r:?}");
+        // Dot products: length mismatch, and a Q8_0 activation quant of -128.
+        let mut act = [BlockQ8_0::zeroed(); 2];
+        assert!(quant::dot_with_isa(isa, &w[..1], &act).is_err());
+        act[0].qs[5] = i8::MIN;
+        assert!(quant::dot_with_isa(isa, &w[..2], &act).is_err());
+        // Q4_0 reads any activation byte: -128 is fine there.
+        let w4 = [BlockQ4_0::zeroed(); 2];
+        assert!(quant::dot_with_isa(isa, &w4, &act).is_ok());
+        // Activation quantizers: wrong lengths and a weight format.
+        let mut out = [BlockQ8_0::zeroed(); 1];
+        assert!(quant::quantize_act_with_isa(isa, &a[..33], &mut out).is_err());
+        assert!(quant::quantize_act_with_isa(isa, &a[..64], &mut out).is_err());
+        let mut bad = [BlockQ4_0::zeroed(); 1];
+        assert!(quant::quantize_act_with_isa(isa, &a[..32], &mut bad).is_err());
+    }
+}
+
+#[test]
+fn unavailable_isa_is_an_error() {
+    for isa in Isa::ALL {
+        if !quant::is_available(isa) {
+            let r = quant::dot_with_isa(isa, &[BlockQ8_0::zeroed()], &[BlockQ8_0::zeroed()]);
+            assert!(
+                matches!(r, Err(Error::IsaUnavailable { .. })),
+                "{isa:?}: {r:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn non_finite_weight_scales_propagate() {
+    let k = q::QK_K * 2;
+    let mut rng = Rng(11);
+    let a = activations(&mut rng, 3 * k, 1.0);
+    fn run<W: TestWeight>(a: &[f32], k: usize, poison: impl Fn(&mut W, f32)) {
+        let mut rng = Rng(5);
+        let n = 9;
+        let kb = k / W::LEN;
+        for bad in [f32::NAN, f32::INFINITY] {
+            let mut w: Vec<W> = (0..n * kb).map(|_| W::random(&mut rng, true)).collect();
+            // Row 4's second block gets the bad scale.
+            poison(&mut w[4 * kb + 1], bad);
+            for isa in isas() {
+                let mut c = vec![0f32; 3 * n];
+                let opts = QuantOptions {
+                    isa: Some(isa),
+                    parallelism: Parallelism::Threads(2),
+                };
+                quant::matmul_with(
+                    &opts,
+                    MatRef::dense(a, 3, k),
+                    &w,
+                    n,
+                    MatMut::dense(&mut c, 3, n),
+                )
+                .unwrap();
+                for t in 0..3 {
+                    for j in 0..n {
+                        let v = c[t * n + j];
+                        if j == 4 {
+                            assert!(
+                                !v.is_finite(),
+                                "{isa:?} {:?} {bad}: C[{t},{j}] = {v}",
+                                W::FORMAT
+                            );
+                        } else {
+                            assert!(v.is_finite(), "{isa:?} {:?}: C[{t},{j}] = {v}", W::FORMAT);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    run::<BlockQ8_0>(&a, k, |b, v| b.d = f16::from_f32(v));
+    run::<BlockQ4_0>(&a, k, |b, v| b.d = f16::from_f32(v));
+    run::<BlockQ4_K>(&a, k, |b, v| b.d = f16::from_f32(v));
+    run::<BlockQ4_K>(&a, k, |b, v| b.dmin = f16::from_f32(v));
+}
