@@ -178,7 +178,7 @@ impl WeightBlock for BlockQ4_K {
 /// is not a multiple of the block length.
 pub fn blocks_per_row(format: QuantFormat, k: usize) -> Result<usize> {
     let len = format.block_len();
-    if k % len != 0 {
+    if !k.is_multiple_of(len) {
         return Err(Error::InvalidArgument(format!(
             "{format}: row length {k} is not a multiple of the block length {len}"
         )));

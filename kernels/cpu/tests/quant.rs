@@ -3,11 +3,13 @@
 //! products against the exact integer computation), and against the f64 product of the
 //! dequantized weights with the original f32 activations within the quantization error bound.
 //!
-//! Tolerance against the reference (derived, not tuned): every block's integer sum is exact
-//! in both; the kernels convert it to f32 (exact below 2²⁴, one rounding above), multiply by
-//! the product of the two scales (two roundings) and add the blocks in f32 in some order, so
-//! each output is within γ_(kb+4)·Σ|termᵢ| of the exact value (`kb` blocks, Q4_K counting
-//! its scale and min terms as two), plus the reference's own final rounding u·|ref| and the
+//! Tolerance against the reference (derived, not tuned): every integer partial sum is exact in
+//! both; a kernel converts its partial sums (a block's, or one SIMD lane's share of it) to f32
+//! (exact below 2²⁴, one rounding above), multiplies by the product of the two scales (two
+//! roundings) and adds them in f32 in some order, so each output is within
+//! γ_(kb+4)·Σ_blocks |scales|·Σ|wᵢaᵢ| of the exact value (the reference's magnitude; `kb`
+//! blocks, Q4_K counting its scale and min terms as two; a lane split adds at most log₂ 8 more
+//! additions, covered by the +4), plus the reference's own final rounding u·|ref| and the
 //! smallest normal f32 as a floor.
 
 use bytemuck::Zeroable;

@@ -10,62 +10,78 @@ pub trait DotReference: WeightBlock {
     /// The contributions of one weight block and one activation block to their dot product,
     /// each an exact integer sum times its scales in f64: their sum is the block's dot
     /// product. (Q8_0 and Q4_0 have one term; Q4_K has its scale term and its min term.)
-    fn dot_terms(w: &Self, a: &Self::Act) -> [f64; 2];
+    ///
+    /// Also returns the block's magnitude: the same sums taken over the absolute values of
+    /// the integer products, `|scales|·Σ|wᵢ·aᵢ|` — a bound on any partial sum of the block
+    /// (e.g. one SIMD lane's), against which the f32 rounding of a fast kernel is stated.
+    fn dot_terms(w: &Self, a: &Self::Act) -> ([f64; 2], f64);
 }
 
 impl DotReference for BlockQ8_0 {
-    fn dot_terms(w: &Self, a: &BlockQ8_0) -> [f64; 2] {
-        let mut sum = 0i64;
+    fn dot_terms(w: &Self, a: &BlockQ8_0) -> ([f64; 2], f64) {
+        let (mut sum, mut abs) = (0i64, 0i64);
         for i in 0..QK {
-            sum += i64::from(w.qs[i]) * i64::from(a.qs[i]);
+            let p = i64::from(w.qs[i]) * i64::from(a.qs[i]);
+            sum += p;
+            abs += p.abs();
         }
         let d = f64::from(w.d.to_f32()) * f64::from(a.d.to_f32());
-        [d * sum as f64, 0.0]
+        ([d * sum as f64, 0.0], d.abs() * abs as f64)
     }
 }
 
 impl DotReference for BlockQ4_0 {
-    fn dot_terms(w: &Self, a: &BlockQ8_0) -> [f64; 2] {
-        let mut sum = 0i64;
+    /// The magnitude counts the codes and the offset separately (`Σ|qᵢaᵢ| + 8·Σ|aᵢ|`), as a
+    /// kernel may subtract the offset after summing the codes.
+    fn dot_terms(w: &Self, a: &BlockQ8_0) -> ([f64; 2], f64) {
+        let (mut sum, mut abs) = (0i64, 0i64);
         for j in 0..QK / 2 {
-            let lo = i64::from(w.qs[j] & 0x0f) - 8;
-            let hi = i64::from(w.qs[j] >> 4) - 8;
-            sum += lo * i64::from(a.qs[j]) + hi * i64::from(a.qs[j + QK / 2]);
+            let (lo, hi) = (i64::from(w.qs[j] & 0x0f), i64::from(w.qs[j] >> 4));
+            let (a0, a1) = (i64::from(a.qs[j]), i64::from(a.qs[j + QK / 2]));
+            sum += (lo - 8) * a0 + (hi - 8) * a1;
+            abs += (lo * a0).abs() + (hi * a1).abs() + 8 * (a0.abs() + a1.abs());
         }
         let d = f64::from(w.d.to_f32()) * f64::from(a.d.to_f32());
-        [d * sum as f64, 0.0]
+        ([d * sum as f64, 0.0], d.abs() * abs as f64)
     }
 }
 
 impl DotReference for BlockQ4_K {
     /// The min term uses the activation block's `bsums` (as GGML does), which
     /// [`quantize`](crate::quant::quantize) sets to the sums of its quants.
-    fn dot_terms(w: &Self, a: &crate::quant::BlockQ8_K) -> [f64; 2] {
-        let mut scaled = 0i64;
-        let mut mins = 0i64;
+    fn dot_terms(w: &Self, a: &crate::quant::BlockQ8_K) -> ([f64; 2], f64) {
+        let (mut scaled, mut scaled_abs) = (0i64, 0i64);
+        let (mut mins, mut mins_abs) = (0i64, 0i64);
         for j in 0..QK_K / 32 {
             let (sc, m) = w.scale_min(j);
             let g = j / 2;
-            let mut dot = 0i64;
+            let (mut dot, mut dot_abs) = (0i64, 0i64);
             for i in 0..32 {
                 let byte = w.qs[32 * g + i];
                 let q = if j % 2 == 0 { byte & 0x0f } else { byte >> 4 };
-                dot += i64::from(q) * i64::from(a.qs[32 * j + i]);
+                let p = i64::from(q) * i64::from(a.qs[32 * j + i]);
+                dot += p;
+                dot_abs += p.abs();
             }
             scaled += i64::from(sc) * dot;
-            let bsum = i64::from(a.bsums[2 * j]) + i64::from(a.bsums[2 * j + 1]);
-            mins += i64::from(m) * bsum;
+            scaled_abs += i64::from(sc) * dot_abs;
+            let (b0, b1) = (i64::from(a.bsums[2 * j]), i64::from(a.bsums[2 * j + 1]));
+            mins += i64::from(m) * (b0 + b1);
+            mins_abs += i64::from(m) * (b0.abs() + b1.abs());
         }
-        let da = f64::from(a.d);
-        [
-            da * f64::from(w.d.to_f32()) * scaled as f64,
-            -(da * f64::from(w.dmin.to_f32()) * mins as f64),
-        ]
+        let (ds, dm) = (
+            f64::from(a.d) * f64::from(w.d.to_f32()),
+            f64::from(a.d) * f64::from(w.dmin.to_f32()),
+        );
+        (
+            [ds * scaled as f64, -(dm * mins as f64)],
+            ds.abs() * scaled_abs as f64 + dm.abs() * mins_abs as f64,
+        )
     }
 }
 
 /// The dot product of a row of weight blocks with a row of activation blocks, and its
-/// magnitude (the sum of the absolute values of the block terms), both in f64.
+/// magnitude (the sum of the blocks' magnitudes, see [`DotReference::dot_terms`]), in f64.
 ///
 /// A fast kernel that computes each block's integer sum exactly and combines the blocks in
 /// f32 is within `γ_(blocks + c)·magnitude` of the value (`c` a small constant for the
@@ -74,10 +90,9 @@ pub fn quant_dot<W: DotReference>(w: &[W], a: &[W::Act]) -> Result<(f64, f64)> {
     check_len("activation blocks", w.len(), a.len())?;
     let (mut value, mut magnitude) = (0.0f64, 0.0f64);
     for (wb, ab) in w.iter().zip(a) {
-        for t in W::dot_terms(wb, ab) {
-            value += t;
-            magnitude += t.abs();
-        }
+        let (terms, mag) = W::dot_terms(wb, ab);
+        value += terms[0] + terms[1];
+        magnitude += mag;
     }
     Ok((value, magnitude))
 }

@@ -66,9 +66,11 @@ pub(crate) struct Tile<W: WeightBlock> {
     pub ldw: usize,
     pub rows: usize,
     /// Activation row `t` (`t < tokens`) starts at `a + t·lda`; `sums + t·lda` holds the sums
-    /// of the quants of its blocks (one `i32` per block).
+    /// of the quants of its blocks (one `i32` per block) and `ascale + t·lda` their scales
+    /// as f32 (one per block).
     pub a: *const W::Act,
     pub sums: *const i32,
+    pub ascale: *const f32,
     pub lda: usize,
     pub tokens: usize,
     /// `C[t, r]` is written to `c + t·ldc + r`.
@@ -263,6 +265,7 @@ fn dot_impl<W: Dispatch>(t: &'static Table, w: &[W], a: &[W::Act]) -> Result<f32
         }
     }
     let sums = block_sums(a);
+    let ascale = block_scales(a);
     let mut out = 0f32;
     let tile = Tile {
         kb,
@@ -271,6 +274,7 @@ fn dot_impl<W: Dispatch>(t: &'static Table, w: &[W], a: &[W::Act]) -> Result<f32
         rows: 1,
         a: a.as_ptr(),
         sums: sums.as_ptr(),
+        ascale: ascale.as_ptr(),
         lda: kb,
         tokens: 1,
         c: &mut out,
@@ -280,6 +284,24 @@ fn dot_impl<W: Dispatch>(t: &'static Table, w: &[W], a: &[W::Act]) -> Result<f32
     // one output.
     unsafe { (W::kernels(t).tile)(&tile) };
     Ok(out)
+}
+
+/// The scale of each activation block as f32.
+fn block_scales<A: QuantBlock>(a: &[A]) -> Vec<f32> {
+    let bytes: &[u8] = bytemuck::cast_slice(a);
+    bytes
+        .chunks_exact(std::mem::size_of::<A>())
+        .map(|b| act_scale::<A>(b))
+        .collect()
+}
+
+/// The scale of one activation block given as bytes: the leading f16 (Q8_0) or f32 (Q8_K).
+#[inline]
+fn act_scale<A: QuantBlock>(b: &[u8]) -> f32 {
+    match A::FORMAT {
+        QuantFormat::Q8_0 => tessera_core::f16::from_le_bytes([b[0], b[1]]).to_f32(),
+        _ => f32::from_le_bytes([b[0], b[1], b[2], b[3]]),
+    }
 }
 
 /// The sum of the quants of each activation block.
@@ -368,35 +390,45 @@ fn matmul_impl<W: Dispatch>(
     let kern = W::kernels(t);
     let quantize = W::quantizer(t);
     let act_size = std::mem::size_of::<W::Act>();
-    // Scratch: the block sums (i32), then the activation blocks, 64-byte aligned.
+    // Scratch: the block sums (i32), the block scales (f32), then the activation blocks, each
+    // 64-byte aligned.
     let blocks = m * kb;
     let sums_slots = blocks.div_ceil(16) * 16;
     let act_slots = (blocks * act_size).div_ceil(4);
     let mut buf = crate::scratch::take();
     {
-        let flat = buf.get(sums_slots + act_slots);
-        let (sums_f, act_f) = flat.split_at_mut(sums_slots);
+        let flat = buf.get(2 * sums_slots + act_slots);
+        let (sums_f, rest) = flat.split_at_mut(sums_slots);
+        let (ascale, act_f) = rest.split_at_mut(sums_slots);
+        let ascale = &mut ascale[..blocks];
         let sums: &mut [i32] = &mut bytemuck::cast_slice_mut::<f32, i32>(sums_f)[..blocks];
         let act_bytes: &mut [u8] = bytemuck::cast_slice_mut(act_f);
         let act: &mut [W::Act] = bytemuck::cast_slice_mut(&mut act_bytes[..blocks * act_size]);
         let k = a.cols;
 
         // Quantize the activations, a row per task.
-        let quantize_row = |i: usize, act_row: &mut [W::Act], sums_row: &mut [i32]| {
-            let x = &a.data[i * a.ld..i * a.ld + k];
-            // SAFETY: the table's ISA is available; x holds kb blocks' worth of floats and
-            // act_row / sums_row kb entries each.
-            unsafe { quantize(x.as_ptr(), kb, act_row.as_mut_ptr(), sums_row.as_mut_ptr()) }
-        };
+        let quantize_row =
+            |i: usize, act_row: &mut [W::Act], sums_row: &mut [i32], scale_row: &mut [f32]| {
+                let x = &a.data[i * a.ld..i * a.ld + k];
+                // SAFETY: the table's ISA is available; x holds kb blocks' worth of floats and
+                // act_row / sums_row kb entries each.
+                unsafe { quantize(x.as_ptr(), kb, act_row.as_mut_ptr(), sums_row.as_mut_ptr()) };
+                let bytes: &[u8] = bytemuck::cast_slice(act_row);
+                for (s, blk) in scale_row.iter_mut().zip(bytes.chunks_exact(act_size)) {
+                    *s = act_scale::<W::Act>(blk);
+                }
+            };
         if threads > 1 && m > 1 {
             act.par_chunks_mut(kb)
                 .zip(sums.par_chunks_mut(kb))
+                .zip(ascale.par_chunks_mut(kb))
                 .enumerate()
                 .with_min_len(m.div_ceil(threads))
-                .for_each(|(i, (ar, sr))| quantize_row(i, ar, sr));
+                .for_each(|(i, ((ar, sr), dr))| quantize_row(i, ar, sr, dr));
         } else {
-            for (i, (ar, sr)) in act.chunks_mut(kb).zip(sums.chunks_mut(kb)).enumerate() {
-                quantize_row(i, ar, sr);
+            let rows = act.chunks_mut(kb).zip(sums.chunks_mut(kb));
+            for (i, ((ar, sr), dr)) in rows.zip(ascale.chunks_mut(kb)).enumerate() {
+                quantize_row(i, ar, sr, dr);
             }
         }
 
@@ -411,6 +443,7 @@ fn matmul_impl<W: Dispatch>(
         let (ldc, tile) = (c.ld, kern.tile);
         let act: &[W::Act] = act;
         let sums: &[i32] = sums;
+        let ascale: &[f32] = ascale;
         let run = |ri: usize| {
             let (r_start, r_end) = (ri * per, ((ri + 1) * per).min(n));
             for t0 in (0..m).step_by(chunk) {
@@ -424,6 +457,7 @@ fn matmul_impl<W: Dispatch>(
                             rows: mr.min(r_end - r0),
                             a: act[t1 * kb..].as_ptr(),
                             sums: sums[t1 * kb..].as_ptr(),
+                            ascale: ascale[t1 * kb..].as_ptr(),
                             lda: kb,
                             tokens: nr.min(t_end - t1),
                             // SAFETY: t1 < m and r0 < n, so the offset lies inside C.
