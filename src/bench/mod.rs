@@ -8,6 +8,7 @@ pub mod calibrate;
 pub mod cli;
 pub mod data;
 pub mod gemm;
+pub mod quant;
 pub mod report;
 pub mod timing;
 
@@ -53,12 +54,22 @@ pub struct Family {
 }
 
 /// Every family, in the order they run.
-pub static FAMILIES: &[Family] = &[Family {
-    name: "gemm",
-    peer: "gemm",
-    about: "C = A·op(B), f32 A and C, f32/f16/bf16 B, against the `gemm` crate's f32 GEMM",
-    cases: gemm::cases,
-}];
+pub static FAMILIES: &[Family] = &[
+    Family {
+        name: "gemm",
+        peer: "gemm",
+        about: "C = A·op(B), f32 A and C, f32/f16/bf16 B, against the `gemm` crate's f32 GEMM",
+        cases: gemm::cases,
+    },
+    Family {
+        name: "quant",
+        peer: "peer",
+        about: "C = A·Wᵀ, f32 A, Q8_0/Q4_0/Q4_K W [n,k] (GEMV: cold weights, GB/s of weight \
+                bytes); column B names the peer: deq = dequantize + Tessera f32 GEMM, candle = \
+                candle-core QMatMul",
+        cases: quant::cases,
+    },
+];
 
 /// The family named `name`.
 pub fn family(name: &str) -> Option<&'static Family> {

@@ -125,7 +125,9 @@ pub fn quant_matmul<W: DotReference>(
     let mut act = vec![<W::Act as bytemuck::Zeroable>::zeroed(); kb];
     let mut mags = vec![0f64; m * n];
     for i in 0..m {
-        quantize(&a.data[i * a.ld..i * a.ld + k], &mut act)?;
+        if k > 0 {
+            quantize(&a.data[i * a.ld..i * a.ld + k], &mut act)?;
+        }
         for j in 0..n {
             let (v, mag) = quant_dot(&w[j * kb..(j + 1) * kb], &act)?;
             c.data[i * c.ld + j] = v as f32;
@@ -133,4 +135,24 @@ pub fn quant_matmul<W: DotReference>(
         }
     }
     Ok(mags)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_rows_give_zeros_without_reading_a() {
+        // k = 0 with a leading dimension: A's extent is 0, so its slice may be empty.
+        let mut c = [f32::NAN; 6];
+        let w: [BlockQ8_0; 0] = [];
+        let mags = quant_matmul(
+            MatRef::new(&[], 2, 0, 5),
+            &w,
+            3,
+            MatMut::dense(&mut c, 2, 3),
+        );
+        assert_eq!(mags.unwrap(), vec![0.0; 6]);
+        assert_eq!(c, [0.0; 6]);
+    }
 }
