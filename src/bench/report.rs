@@ -147,7 +147,7 @@ impl Row {
 
 /// Column widths of the table (kernel, shape, dtype, B, threads, ms, GFLOP/s, GB/s, %peak,
 /// bound, vs peer).
-const WIDTHS: [usize; 11] = [6, 16, 5, 6, 3, 11, 9, 8, 7, 7, 9];
+const WIDTHS: [usize; 11] = [6, 16, 5, 5, 3, 11, 9, 8, 7, 7, 9];
 
 fn line(cells: [&str; 11]) -> String {
     let mut s = String::new();
