@@ -5,6 +5,7 @@
 //! * [`Error`] / [`Result`]: the one error type of every public kernel;
 //! * [`shape`]: validation of lengths, leading dimensions and products (checked arithmetic),
 //!   so a kernel can refuse bad input with an `Err` before it touches memory;
+//! * [`attention`]: attention operand layouts, masks, biases and their validation;
 //! * [`dtype`]: the element types a kernel may read ([`f32`], [`half::f16`], [`half::bf16`]);
 //! * [`MatRef`] / [`MatMut`]: a slice plus an explicit row-major shape and leading dimension
 //!   (no tensor type is imposed on the caller);
@@ -16,6 +17,7 @@
 #![warn(clippy::undocumented_unsafe_blocks)]
 #![warn(missing_docs)]
 
+pub mod attention;
 pub mod dtype;
 mod error;
 mod mat;

@@ -12,9 +12,11 @@
 #![warn(clippy::undocumented_unsafe_blocks)]
 #![warn(missing_docs)]
 
+pub mod attention;
 mod cache;
 pub mod gemm;
 mod isa;
+pub mod kv_cache;
 mod parallel;
 pub mod quant;
 mod scratch;

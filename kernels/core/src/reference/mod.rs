@@ -4,8 +4,10 @@
 //! input exactly as the fast kernels do and follow the same documented conventions, so
 //! that a property test can compare results element by element.
 
+mod attention;
 mod gemm;
 mod quant;
 
+pub use attention::{AttentionReference, attention};
 pub use gemm::{gemm, gemm_magnitude};
 pub use quant::{DotReference, quant_dot, quant_matmul};

@@ -45,6 +45,20 @@ pub(crate) unsafe trait Simd: Copy + Send + Sync + 'static {
     unsafe fn mul(a: Self::V, b: Self::V) -> Self::V;
     /// `a + b`.
     unsafe fn add(a: Self::V, b: Self::V) -> Self::V;
+    /// `a - b`.
+    unsafe fn sub(a: Self::V, b: Self::V) -> Self::V;
+    /// Lane-wise maximum (NaN handling unspecified).
+    unsafe fn max(a: Self::V, b: Self::V) -> Self::V;
+    /// Lane-wise minimum (NaN handling unspecified).
+    unsafe fn min(a: Self::V, b: Self::V) -> Self::V;
+    /// Rounds to the nearest integer (ties to even), as f32.
+    unsafe fn round(v: Self::V) -> Self::V;
+    /// `2^n` for integer-valued `n` in `-126..=127`.
+    unsafe fn pow2i(n: Self::V) -> Self::V;
+    /// Lane-wise `if a < b { x } else { y }`.
+    unsafe fn select_lt(a: Self::V, b: Self::V, x: Self::V, y: Self::V) -> Self::V;
+    /// Largest lane.
+    unsafe fn reduce_max(v: Self::V) -> f32;
     /// Sum of all lanes.
     unsafe fn reduce_sum(v: Self::V) -> f32;
     /// Loads `LANES` f16 from `p` and widens them to f32 (exact).
@@ -89,5 +103,120 @@ pub(crate) unsafe fn load_as_f32<S: Simd, B: Element>(p: *const B) -> S::V {
             DType::F16 => S::load_f16(p.cast()),
             DType::BF16 => S::load_bf16(p.cast()),
         }
+    }
+}
+
+/// Largest relative error of [`exp`] on its whole domain (measured by the unit test below
+/// over `[-87.3, 88]` with a stride, checked against f64 `exp`).
+pub const EXP_REL_ERR: f32 = 4.0 * f32::EPSILON;
+
+/// `e^x` lane-wise, to [`EXP_REL_ERR`]: range reduction `x = n·ln2 + r` (two-part ln 2,
+/// |r| <= ln2/2), a degree-6 polynomial for `e^r` (Cephes `expf`), scaled by `2^n`.
+/// Arguments below ln(2^-126) give 0 (so `exp(-inf) == 0`); above 88 they saturate to
+/// `e^88` (the kernels only take `exp` of non-positive arguments).
+#[inline(always)]
+pub(crate) unsafe fn exp<S: Simd>(x: S::V) -> S::V {
+    // SAFETY: only lane arithmetic; the ISA is available (caller contract).
+    unsafe {
+        const LO: f32 = -87.336_55; // ln(2^-126)
+        const HI: f32 = 88.0;
+        let xc = S::min(S::max(x, S::splat(LO)), S::splat(HI));
+        let n = S::round(S::mul(xc, S::splat(std::f32::consts::LOG2_E)));
+        let r = S::fma(n, S::splat(-0.693_359_4), xc);
+        let r = S::fma(n, S::splat(2.121_944_4e-4), r);
+        let mut p = S::splat(1.987_569_1e-4);
+        p = S::fma(p, r, S::splat(1.398_199_9e-3));
+        p = S::fma(p, r, S::splat(8.333_452e-3));
+        p = S::fma(p, r, S::splat(4.166_579_6e-2));
+        p = S::fma(p, r, S::splat(1.666_666_5e-1));
+        p = S::fma(p, r, S::splat(0.5));
+        let r2 = S::mul(r, r);
+        p = S::fma(p, r2, S::add(r, S::splat(1.0)));
+        let y = S::mul(p, S::pow2i(n));
+        S::select_lt(x, S::splat(LO), S::zero(), y)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Relative error of `exp::<S>` against f64 over a dense sweep of its domain.
+    fn max_exp_error<S: Simd>() -> f64 {
+        let mut worst = 0.0f64;
+        let mut x = -87.3f32;
+        let mut buf = [0.0f32; 16];
+        while x < 87.9 {
+            let xs: [f32; 16] = std::array::from_fn(|l| x + l as f32 * 1.37e-4);
+            for chunk in xs.chunks(S::LANES) {
+                // SAFETY: `chunk` and `buf` hold at least LANES floats; `S` is available
+                // (checked by the caller).
+                unsafe { S::store(buf.as_mut_ptr(), exp::<S>(S::load(chunk.as_ptr()))) };
+                for (l, &xi) in chunk.iter().enumerate() {
+                    let want = f64::from(xi).exp();
+                    worst = worst.max((f64::from(buf[l]) - want).abs() / want);
+                }
+            }
+            x += 16.0 * 1.37e-4 + 3.1e-3;
+        }
+        worst
+    }
+
+    fn check<S: Simd>() {
+        let e = max_exp_error::<S>();
+        assert!(e <= f64::from(EXP_REL_ERR), "exp relative error {e:e}");
+        let mut buf = [1.0f32; 16];
+        // SAFETY: as above.
+        unsafe {
+            S::store(buf.as_mut_ptr(), exp::<S>(S::splat(f32::NEG_INFINITY)));
+        }
+        assert_eq!(buf[0], 0.0);
+        // SAFETY: as above.
+        unsafe {
+            S::store(buf.as_mut_ptr(), exp::<S>(S::splat(-100.0)));
+        }
+        assert_eq!(buf[0], 0.0);
+        // SAFETY: as above.
+        unsafe {
+            S::store(buf.as_mut_ptr(), exp::<S>(S::zero()));
+        }
+        assert_eq!(buf[0], 1.0);
+    }
+
+    #[test]
+    fn exp_is_accurate_scalar() {
+        check::<scalar::Scalar>();
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn exp_is_accurate_avx2() {
+        if crate::Isa::Avx2.is_available() {
+            #[target_feature(enable = "avx2,fma,f16c")]
+            fn run() {
+                check::<avx2::Avx2>();
+            }
+            // SAFETY: AVX2, FMA and F16C were detected.
+            unsafe { run() };
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn exp_is_accurate_avx512() {
+        if crate::Isa::Avx512.is_available() {
+            #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+            fn run() {
+                check::<avx512::Avx512>();
+            }
+            // SAFETY: AVX-512F was detected.
+            unsafe { run() };
+        }
+    }
+
+    #[cfg(target_arch = "aarch64")]
+    #[test]
+    fn exp_is_accurate_neon() {
+        check::<neon::Neon>();
     }
 }

@@ -50,6 +50,49 @@ unsafe impl Simd for Neon {
         unsafe { vaddq_f32(a, b) }
     }
     #[inline(always)]
+    unsafe fn sub(a: float32x4_t, b: float32x4_t) -> float32x4_t {
+        // SAFETY: NEON is available.
+        unsafe { vsubq_f32(a, b) }
+    }
+    #[inline(always)]
+    unsafe fn max(a: float32x4_t, b: float32x4_t) -> float32x4_t {
+        // SAFETY: NEON is available.
+        unsafe { vmaxq_f32(a, b) }
+    }
+    #[inline(always)]
+    unsafe fn min(a: float32x4_t, b: float32x4_t) -> float32x4_t {
+        // SAFETY: NEON is available.
+        unsafe { vminq_f32(a, b) }
+    }
+    #[inline(always)]
+    unsafe fn round(v: float32x4_t) -> float32x4_t {
+        // SAFETY: NEON (ARMv8 FRINTN) is available.
+        unsafe { vrndnq_f32(v) }
+    }
+    #[inline(always)]
+    unsafe fn pow2i(n: float32x4_t) -> float32x4_t {
+        // SAFETY: NEON is available; n + 127 is in 1..=254, a valid biased exponent.
+        unsafe {
+            let e = vaddq_s32(vcvtq_s32_f32(n), vdupq_n_s32(127));
+            vreinterpretq_f32_s32(vshlq_n_s32::<23>(e))
+        }
+    }
+    #[inline(always)]
+    unsafe fn select_lt(
+        a: float32x4_t,
+        b: float32x4_t,
+        x: float32x4_t,
+        y: float32x4_t,
+    ) -> float32x4_t {
+        // SAFETY: NEON is available.
+        unsafe { vbslq_f32(vcltq_f32(a, b), x, y) }
+    }
+    #[inline(always)]
+    unsafe fn reduce_max(v: float32x4_t) -> f32 {
+        // SAFETY: NEON is available.
+        unsafe { vmaxvq_f32(v) }
+    }
+    #[inline(always)]
     unsafe fn reduce_sum(v: float32x4_t) -> f32 {
         // SAFETY: NEON is available.
         unsafe { vaddvq_f32(v) }

@@ -46,6 +46,34 @@ unsafe impl Simd for Scalar {
         a + b
     }
     #[inline(always)]
+    unsafe fn sub(a: f32, b: f32) -> f32 {
+        a - b
+    }
+    #[inline(always)]
+    unsafe fn max(a: f32, b: f32) -> f32 {
+        a.max(b)
+    }
+    #[inline(always)]
+    unsafe fn min(a: f32, b: f32) -> f32 {
+        a.min(b)
+    }
+    #[inline(always)]
+    unsafe fn round(v: f32) -> f32 {
+        v.round_ties_even()
+    }
+    #[inline(always)]
+    unsafe fn pow2i(n: f32) -> f32 {
+        f32::from_bits(((n as i32 + 127) as u32) << 23)
+    }
+    #[inline(always)]
+    unsafe fn select_lt(a: f32, b: f32, x: f32, y: f32) -> f32 {
+        if a < b { x } else { y }
+    }
+    #[inline(always)]
+    unsafe fn reduce_max(v: f32) -> f32 {
+        v
+    }
+    #[inline(always)]
     unsafe fn reduce_sum(v: f32) -> f32 {
         v
     }
