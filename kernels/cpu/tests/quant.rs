@@ -248,32 +248,55 @@ fn check_against_dequantized<W: TestWeight>(p: &Problem, isa: Isa) {
         MatMut::dense(&mut c, p.m, p.n),
     )
     .unwrap();
+    // The reference on the same (byte-identical) quantized activations, with its magnitude.
+    let mut c_ref = vec![0f32; p.m * p.n];
+    let mags = reference::quant_matmul(
+        MatRef::dense(&a, p.m, k),
+        &w,
+        p.n,
+        MatMut::dense(&mut c_ref, p.m, p.n),
+    )
+    .unwrap();
+    let terms = if W::FORMAT == q::QuantFormat::Q4K {
+        2 * p.kb
+    } else {
+        p.kb
+    };
     let act_len = <W::Act as QuantBlock>::LEN;
-    // Step error of one activation block: d/2 with d = amax/127, plus |q|·|d − f16(d)| for
-    // Q8_0's f16 scale (q ≤ 127, relative f16 rounding 2⁻¹¹).
+    // Split |c − exact| ≤ |c − R| + |R − exact|, R the exact value on the quantized
+    // activations â = d̂·q (d̂ the stored scale):
+    // * |c − R| ≤ γ_(terms+4)·magnitude (the bound of `check_matmul`);
+    // * R − exact = Σ ŵ_true·â − Σ ŵ·x, with ŵ the f32 dequantized weight: ŵ_true = ŵ exactly
+    //   for Q8_0/Q4_0 (a ≤ 18-bit product) and within u·|ŵ| for Q4_K (one rounding of
+    //   d·sc·q − dmin·m), and |â − x| ≤ step: q = round(x·id) with id = 1/d in f32 (relative
+    //   error u, so |x·id − q| ≤ 1/2 + 127u), d = amax/127 rounded (1 + u), and Q8_0 stores
+    //   d in f16 (|q|·|d − f16(d)| ≤ 127·2⁻¹¹·d). So |R − exact| ≤ Σ|ŵ|·step + u_w·Σ|ŵ|·(|x| + step).
     let f16_term = if act_len == q::QK {
         127.0 / 2048.0
     } else {
         0.0
     };
+    let u_w = if W::FORMAT == q::QuantFormat::Q4K {
+        U
+    } else {
+        0.0
+    };
     for i in 0..p.m {
         for j in 0..p.n {
-            let (mut exact, mut bound, mut mag) = (0f64, 0f64, 0f64);
-            for (bi, (xa, xw)) in a[i * k..(i + 1) * k]
+            let (mut exact, mut bound) = (0f64, 0f64);
+            for (xa, xw) in a[i * k..(i + 1) * k]
                 .chunks(act_len)
                 .zip(wd[j * k..(j + 1) * k].chunks(act_len))
-                .enumerate()
             {
-                let _ = bi;
                 let amax = xa.iter().fold(0f64, |m, v| m.max(v.abs() as f64));
-                let step_err = amax / 127.0 * (0.5 + f16_term) * (1.0 + 1e-6);
+                let step = amax / 127.0 * (1.0 + U) * (0.5 + 127.0 * U + f16_term);
                 for (&x, &y) in xa.iter().zip(xw) {
-                    exact += x as f64 * y as f64;
-                    bound += (y as f64).abs() * step_err;
-                    mag += (x as f64 * y as f64).abs() + (y as f64).abs() * step_err;
+                    let (x, y) = (x as f64, y as f64);
+                    exact += x * y;
+                    bound += y.abs() * step + u_w * y.abs() * (x.abs() + step);
                 }
             }
-            let tol = bound + gamma(p.kb * 2 + 8) * mag * 4.0 + 1e-6;
+            let tol = gamma(terms + 4) * mags[i * p.n + j] + bound + f32::MIN_POSITIVE as f64;
             let got = c[i * p.n + j] as f64;
             assert!(
                 (got - exact).abs() <= tol,
