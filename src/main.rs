@@ -4,6 +4,10 @@ use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 use tessera::bench::{self, cli::BenchArgs};
 
+/// Counts heap bytes so that `tessera bench attention` can report the peak memory of a call.
+#[global_allocator]
+static ALLOC: bench::alloc::CountingAlloc = bench::alloc::CountingAlloc;
+
 /// Tessera: hand-optimized transformer kernels.
 #[derive(Parser)]
 #[command(name = "tessera", version, about)]

@@ -4,6 +4,8 @@
 //! A family is one module with a `cases` function listed in [`FAMILIES`]; adding one (quant,
 //! attention, kv_cache, ops) is a new module and one line there.
 
+pub mod alloc;
+pub mod attention;
 pub mod calibrate;
 pub mod cli;
 pub mod data;
@@ -68,6 +70,16 @@ pub static FAMILIES: &[Family] = &[
                 bytes); column B names the peer: deq = dequantize + Tessera f32 GEMM, candle = \
                 candle-core QMatMul",
         cases: quant::cases,
+    },
+    Family {
+        name: "attention",
+        peer: "peer",
+        about: "fused attention, f32 Q/K/V, 12 heads (prefill: GFLOP/s of the unmasked work; \
+                B names the peer: unf = per-head Tessera GEMM + softmax + GEMM, candle = \
+                candle-core ops) and decode of one token over a KV cache (cold caches, GB/s of \
+                cache bytes; B = cont/paged; peer: the cache read to f32 + GEMV + softmax + \
+                GEMV); B = mem: heap held by one call, fresh threads",
+        cases: attention::cases,
     },
 ];
 
@@ -210,7 +222,12 @@ pub fn run(cfg: &Config, families: &[&'static Family]) -> Result<Outcome> {
         let run = case.run;
         match pool.install(|| run(&ctx)) {
             Ok(row) => {
-                pb.suspend(|| println!("{}", report::format_row(&row)));
+                pb.suspend(|| {
+                    println!("{}", report::format_row(&row));
+                    if let Some(note) = report::format_note(&row) {
+                        println!("{note}");
+                    }
+                });
                 rows.push(row);
             }
             Err(e) => {

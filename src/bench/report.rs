@@ -92,6 +92,13 @@ pub struct Row {
     pub peer_seconds: Option<f64>,
     /// `peer_seconds / seconds`: above 1 means Tessera is faster.
     pub peer_ratio: Option<f64>,
+    /// Rows that measure memory: the most heap bytes Tessera's call held beyond its operands
+    /// (absent from the JSON otherwise).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peak_bytes: Option<u64>,
+    /// The same for the peer's call.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peer_peak_bytes: Option<u64>,
 }
 
 /// A peer measurement.
@@ -141,6 +148,8 @@ impl Row {
             peer_ratio: peer.as_ref().map(|p| p.seconds / seconds),
             peer_seconds: peer.as_ref().map(|p| p.seconds),
             peer: peer.map(|p| p.name),
+            peak_bytes: None,
+            peer_peak_bytes: None,
         }
     }
 }
@@ -213,6 +222,24 @@ pub fn format_row(row: &Row) -> String {
         &row.bound,
         &vs,
     ])
+}
+
+/// The line printed under a row that measured memory ([`Row::peak_bytes`]), if it did.
+pub fn format_note(row: &Row) -> Option<String> {
+    let ours = row.peak_bytes?;
+    let b = super::alloc::format_bytes;
+    let mut s = format!(
+        "  `- peak heap beyond the operands, one call: tessera {}",
+        b(ours)
+    );
+    if let Some(p) = row.peer_peak_bytes {
+        let peer = row.peer.as_deref().unwrap_or("peer");
+        s.push_str(&format!(", {peer} {}", b(p)));
+        if ours > 0 {
+            s.push_str(&format!(" ({:.1}x)", p as f64 / ours as f64));
+        }
+    }
+    Some(s)
 }
 
 /// The rows as a pretty-printed JSON array of objects.
@@ -380,6 +407,28 @@ mod tests {
         assert_eq!(arr[0]["threads"], 1);
         assert_eq!(arr[0]["peer_ratio"], 2.0);
         assert!(arr[1]["peer_ratio"].is_null());
+    }
+
+    #[test]
+    fn memory_rows_get_a_note_and_json_keys() {
+        let w = Work {
+            flops: 1e9,
+            bytes: 1e6,
+        };
+        let mut r = Row::new(&id(1), "avx2", w, 0.01, 5, &cal(), peer(0.02));
+        assert_eq!(format_note(&r), None);
+        let plain: serde_json::Value = serde_json::from_str(&to_json(&[r.clone()])).unwrap();
+        assert!(plain[0].get("peak_bytes").is_none());
+        r.peak_bytes = Some(2 << 20);
+        r.peer_peak_bytes = Some(64 << 20);
+        let note = format_note(&r).unwrap();
+        assert!(
+            note.contains("tessera 2.0 MiB, gemm 64.0 MiB (32.0x)"),
+            "{note}"
+        );
+        let v: serde_json::Value = serde_json::from_str(&to_json(&[r])).unwrap();
+        assert_eq!(v[0]["peak_bytes"], 2 << 20);
+        assert_eq!(v[0]["peer_peak_bytes"], 64 << 20);
     }
 
     #[test]
