@@ -286,13 +286,8 @@ pub(crate) unsafe fn attend<S: Simd, const MR: usize, const NV: usize>(args: &Bl
                     vsum = S::add(vsum, p);
                 }
                 let sum = S::reduce_sum(vsum);
-                let mut a1 = [0.0f32; 16];
-                S::store(a1.as_mut_ptr(), exp::<S>(S::splat(m_old - m_new)));
-                let a = if m_old == f32::NEG_INFINITY {
-                    0.0
-                } else {
-                    a1[0]
-                };
+                // exp(-inf) == 0: the first block with a key rescales nothing.
+                let a = S::reduce_max(exp::<S>(S::splat(m_old - m_new)));
                 *alpha.add(r) = a;
                 *lsum.add(r) = *lsum.add(r) * a + sum;
                 *m.add(r) = m_new;

@@ -340,10 +340,6 @@ struct TaskCtx<'a, 'p, K> {
     rows_per_pair: usize,
 }
 
-// SAFETY: the raw pointers inside `Kernels` are function pointers; everything else is shared
-// read-only data.
-unsafe impl<K> Sync for TaskCtx<'_, '_, K> {}
-
 /// Runs task `blk` of key/value head pair `pair` (batch entry `pair / n_kv_heads`, head
 /// `pair % n_kv_heads`) and writes its output rows.
 fn run_task<K: Element>(
