@@ -20,12 +20,21 @@ struct Cli {
 enum Command {
     /// Calibrate this machine (FMA peak, memory bandwidth), then time kernels against peers.
     Bench(BenchArgs),
+    /// Run a BERT, GPT-2 or T5 Hugging Face checkpoint on Tessera's kernels.
+    Run(tessera::run::RunArgs),
 }
 
 fn main() -> ExitCode {
     match Cli::parse().command {
         Command::Bench(args) => match run_bench(&args) {
             Ok(code) => code,
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Run(args) => match tessera::run::run(&args) {
+            Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("error: {e}");
                 ExitCode::FAILURE

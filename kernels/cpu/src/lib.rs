@@ -1,6 +1,7 @@
 //! # tessera-cpu
 //!
-//! Tessera's CPU kernels. Each operation family is a module (`gemm`, …) whose public
+//! Tessera's CPU kernels. Each operation family is a module (`gemm`, `quant`, `attention`,
+//! `kv_cache`, `ops`: layer and RMS norm, softmax, activations, embedding, adds) whose public
 //! functions validate their arguments, then dispatch to the best instruction set this CPU has
 //! ([`Isa::detect`]). Every variant is also reachable explicitly (the `*_with_isa`
 //! functions), so tests and benches can exercise each one on a machine that has it; asking for
@@ -17,6 +18,7 @@ mod cache;
 pub mod gemm;
 mod isa;
 pub mod kv_cache;
+pub mod ops;
 mod parallel;
 pub mod quant;
 mod scratch;

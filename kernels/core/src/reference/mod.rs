@@ -6,6 +6,7 @@
 
 mod attention;
 mod gemm;
+pub mod ops;
 mod quant;
 
 pub use attention::{AttentionReference, attention};

@@ -55,6 +55,11 @@ unsafe impl Simd for Avx2 {
         unsafe { _mm256_sub_ps(a, b) }
     }
     #[inline(always)]
+    unsafe fn div(a: __m256, b: __m256) -> __m256 {
+        // SAFETY: AVX is available.
+        unsafe { _mm256_div_ps(a, b) }
+    }
+    #[inline(always)]
     unsafe fn max(a: __m256, b: __m256) -> __m256 {
         // SAFETY: AVX is available.
         unsafe { _mm256_max_ps(a, b) }

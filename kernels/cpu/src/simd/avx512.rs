@@ -55,6 +55,11 @@ unsafe impl Simd for Avx512 {
         unsafe { _mm512_sub_ps(a, b) }
     }
     #[inline(always)]
+    unsafe fn div(a: __m512, b: __m512) -> __m512 {
+        // SAFETY: AVX-512F is available.
+        unsafe { _mm512_div_ps(a, b) }
+    }
+    #[inline(always)]
     unsafe fn max(a: __m512, b: __m512) -> __m512 {
         // SAFETY: AVX-512F is available.
         unsafe { _mm512_max_ps(a, b) }

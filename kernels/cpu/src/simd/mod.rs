@@ -47,6 +47,8 @@ pub(crate) unsafe trait Simd: Copy + Send + Sync + 'static {
     unsafe fn add(a: Self::V, b: Self::V) -> Self::V;
     /// `a - b`.
     unsafe fn sub(a: Self::V, b: Self::V) -> Self::V;
+    /// `a / b` (IEEE division, correctly rounded).
+    unsafe fn div(a: Self::V, b: Self::V) -> Self::V;
     /// Lane-wise maximum (NaN handling unspecified).
     unsafe fn max(a: Self::V, b: Self::V) -> Self::V;
     /// Lane-wise minimum (NaN handling unspecified).
@@ -106,7 +108,7 @@ pub(crate) unsafe fn load_as_f32<S: Simd, B: Element>(p: *const B) -> S::V {
     }
 }
 
-/// Largest relative error of [`exp`] on its whole domain (measured by the unit test below
+/// Largest relative error of `exp` on its whole domain (measured by the unit test below
 /// over `[-87.3, 88]` with a stride, checked against f64 `exp`).
 pub const EXP_REL_ERR: f32 = 4.0 * f32::EPSILON;
 

@@ -55,6 +55,11 @@ unsafe impl Simd for Neon {
         unsafe { vsubq_f32(a, b) }
     }
     #[inline(always)]
+    unsafe fn div(a: float32x4_t, b: float32x4_t) -> float32x4_t {
+        // SAFETY: NEON (AArch64 FDIV) is available.
+        unsafe { vdivq_f32(a, b) }
+    }
+    #[inline(always)]
     unsafe fn max(a: float32x4_t, b: float32x4_t) -> float32x4_t {
         // SAFETY: NEON is available.
         unsafe { vmaxq_f32(a, b) }

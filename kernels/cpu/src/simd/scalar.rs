@@ -50,6 +50,10 @@ unsafe impl Simd for Scalar {
         a - b
     }
     #[inline(always)]
+    unsafe fn div(a: f32, b: f32) -> f32 {
+        a / b
+    }
+    #[inline(always)]
     unsafe fn max(a: f32, b: f32) -> f32 {
         a.max(b)
     }
