@@ -45,7 +45,7 @@ impl Reference {
         SafeTensors::deserialize(&self.bytes).unwrap()
     }
     fn has(&self, name: &str) -> bool {
-        self.st().names().iter().any(|n| *n == name)
+        self.st().names().contains(&name)
     }
     fn f32(&self, name: &str) -> (Vec<usize>, Vec<f32>) {
         let st = self.st();
