@@ -10,6 +10,7 @@ pub mod calibrate;
 pub mod cli;
 pub mod data;
 pub mod gemm;
+pub mod model;
 pub mod quant;
 pub mod report;
 pub mod timing;
@@ -80,6 +81,16 @@ pub static FAMILIES: &[Family] = &[
                 cache bytes; B = cont/paged; peer: the cache read to f32 + GEMV + softmax + \
                 GEMV); B = mem: heap held by one call, fresh threads",
         cases: attention::cases,
+    },
+    Family {
+        name: "model",
+        peer: "peer",
+        about: "whole models on the CPU backend, random weights, stored f32/f16/q8_0/q4_0: \
+                GPT-2 small prefill (GFLOP/s) and greedy decode (GB/s of weight + KV bytes \
+                per token), BERT-base encode (GFLOP/s); tokens/s under each row; B = hf: the \
+                peer is Hugging Face transformers (PyTorch, f32 weights, CPU) on the same \
+                checkpoint and ids, measured once per kernel and thread count",
+        cases: model::cases,
     },
 ];
 

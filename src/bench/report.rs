@@ -99,6 +99,16 @@ pub struct Row {
     /// The same for the peer's call.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub peer_peak_bytes: Option<u64>,
+    /// Rows that run a model: tokens processed per second by Tessera's call (absent from the
+    /// JSON otherwise).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tokens_per_s: Option<f64>,
+    /// The same for the peer.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peer_tokens_per_s: Option<f64>,
+    /// A remark printed under the row (e.g. why it has no peer).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
 }
 
 /// A peer measurement.
@@ -150,13 +160,16 @@ impl Row {
             peer: peer.map(|p| p.name),
             peak_bytes: None,
             peer_peak_bytes: None,
+            tokens_per_s: None,
+            peer_tokens_per_s: None,
+            note: None,
         }
     }
 }
 
 /// Column widths of the table (kernel, shape, dtype, B, threads, ms, GFLOP/s, GB/s, %peak,
 /// bound, vs peer).
-const WIDTHS: [usize; 11] = [6, 16, 5, 5, 3, 11, 9, 8, 7, 7, 9];
+const WIDTHS: [usize; 11] = [7, 16, 5, 5, 3, 11, 9, 8, 7, 7, 9];
 
 fn line(cells: [&str; 11]) -> String {
     let mut s = String::new();
@@ -224,22 +237,37 @@ pub fn format_row(row: &Row) -> String {
     ])
 }
 
-/// The line printed under a row that measured memory ([`Row::peak_bytes`]), if it did.
+/// The lines printed under a row, if it has any: the heap it measured
+/// ([`Row::peak_bytes`]), its tokens per second ([`Row::tokens_per_s`]), its [`Row::note`].
 pub fn format_note(row: &Row) -> Option<String> {
-    let ours = row.peak_bytes?;
-    let b = super::alloc::format_bytes;
-    let mut s = format!(
-        "  `- peak heap beyond the operands, one call: tessera {}",
-        b(ours)
-    );
-    if let Some(p) = row.peer_peak_bytes {
-        let peer = row.peer.as_deref().unwrap_or("peer");
-        s.push_str(&format!(", {peer} {}", b(p)));
-        if ours > 0 {
-            s.push_str(&format!(" ({:.1}x)", p as f64 / ours as f64));
+    let mut lines = Vec::new();
+    if let Some(ours) = row.peak_bytes {
+        let b = super::alloc::format_bytes;
+        let mut s = format!(
+            "  `- peak heap beyond the operands, one call: tessera {}",
+            b(ours)
+        );
+        if let Some(p) = row.peer_peak_bytes {
+            let peer = row.peer.as_deref().unwrap_or("peer");
+            s.push_str(&format!(", {peer} {}", b(p)));
+            if ours > 0 {
+                s.push_str(&format!(" ({:.1}x)", p as f64 / ours as f64));
+            }
         }
+        lines.push(s);
     }
-    Some(s)
+    if let Some(t) = row.tokens_per_s {
+        let mut s = format!("  `- tokens/s: tessera {t:.1}");
+        if let Some(p) = row.peer_tokens_per_s {
+            let peer = row.peer.as_deref().unwrap_or("peer");
+            s.push_str(&format!(", {peer} {p:.1}"));
+        }
+        lines.push(s);
+    }
+    if let Some(n) = &row.note {
+        lines.push(format!("  `- {n}"));
+    }
+    (!lines.is_empty()).then(|| lines.join("\n"))
 }
 
 /// The rows as a pretty-printed JSON array of objects.
@@ -429,6 +457,30 @@ mod tests {
         let v: serde_json::Value = serde_json::from_str(&to_json(&[r])).unwrap();
         assert_eq!(v[0]["peak_bytes"], 2 << 20);
         assert_eq!(v[0]["peer_peak_bytes"], 64 << 20);
+    }
+
+    #[test]
+    fn model_rows_get_tokens_per_second_and_a_note() {
+        let w = Work {
+            flops: 1e9,
+            bytes: 1e6,
+        };
+        let mut r = Row::new(&id(1), "avx2", w, 0.5, 3, &cal(), peer(1.0));
+        r.tokens_per_s = Some(256.0);
+        r.peer_tokens_per_s = Some(128.0);
+        r.note = Some("peer runs f32".into());
+        let note = format_note(&r).unwrap();
+        assert_eq!(
+            note, "  `- tokens/s: tessera 256.0, gemm 128.0\n  `- peer runs f32",
+            "{note}"
+        );
+        let v: serde_json::Value = serde_json::from_str(&to_json(&[r])).unwrap();
+        assert_eq!(v[0]["tokens_per_s"], 256.0);
+        assert_eq!(v[0]["peer_tokens_per_s"], 128.0);
+        assert_eq!(v[0]["note"], "peer runs f32");
+        let plain = Row::new(&id(1), "avx2", w, 0.5, 3, &cal(), None);
+        let v: serde_json::Value = serde_json::from_str(&to_json(&[plain])).unwrap();
+        assert!(v[0].get("tokens_per_s").is_none() && v[0].get("note").is_none());
     }
 
     #[test]
