@@ -120,7 +120,7 @@ fn bench_format<W: BenchBlock>(cr: &mut Criterion, candle_threads: usize) {
         spot_check_reference(&w.a, &w.copies[0], s, &c).expect("tessera agrees with reference");
         let mut want = vec![f32::NAN; m * n];
         deq_gemm(s, &w.a, &w.copies[0], &mut wf, &mut want, Isa::detect(), 1).expect("deq+gemm");
-        spot_check_dequantized(&w.a, &w.copies[0], s, &want, false).expect("deq+gemm is right");
+        spot_check_dequantized(&w.a, &w.copies[0], s, &want, None).expect("deq+gemm is right");
         compare(&c, &want, n, 1e-2).expect("tessera agrees with deq+gemm");
         let candle: Vec<(usize, CandlePeer)> = THREADS
             .iter()
