@@ -692,6 +692,9 @@ fn long_sequences_across_partitions() {
     for (lens, nkv, group, d, block_size) in [
         (vec![PARTITION + 1, 5, 2 * PARTITION + 37], 1, 4, 64, 16),
         (vec![PARTITION - 1, PARTITION, 0], 2, 1, 40, 33),
+        // Several key/value heads in 16-token blocks: the decode tasks walk every head of
+        // a page in turn, and their partition records interleave across heads.
+        (vec![2 * PARTITION + 5, 3, PARTITION + 17], 3, 2, 24, 16),
     ] {
         let p = Problem {
             lens,

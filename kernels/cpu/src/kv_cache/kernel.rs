@@ -1,18 +1,22 @@
 //! The decode-attention kernel, generic over [`Simd`] and instantiated per instruction set
 //! inside `#[target_feature]` entry points (see `mod.rs`).
 //!
-//! One task: the `group` query heads that share key/value head `g` of one sequence, over the
-//! keys `k0 .. k1` of one partition. Keys are taken in chunks of [`CHUNK`] at absolute
-//! positions (multiples of `CHUNK`), so the arithmetic does not depend on the page size:
+//! One task: key/value heads `g0 .. g0 + kv_heads` of one sequence (usually one head; every
+//! head of the page with small pages), each with the `group` query heads that share it, over
+//! the keys `k0 .. k1` of one partition. Keys are taken in chunks of [`CHUNK`] at absolute
+//! positions (multiples of `CHUNK`), so the arithmetic does not depend on the page size nor
+//! on how heads are grouped into tasks. Per chunk, and per key/value head in turn:
 //!
 //! 1. the chunk's K/V row addresses are computed from the page table (one division per
-//!    chunk, not per key), the rows two chunks ahead are prefetched, and for Q8_0 the chunk's
-//!    rows are dequantized into a scratch buffer (`q·d` is exact in f32);
-//! 2. scores: register tiles of (query heads × keys) — 4×2, 2×4 or 1×8 accumulators — so
-//!    every K vector is loaded (and widened) once per tile, not once per head;
-//! 3. per head: the chunk's maximum, `p = exp(s − m)` vectorized over the chunk, and the
-//!    online-softmax rescale of the running sum `l` and the output accumulator `o` when the
-//!    maximum grew;
+//!    chunk, not per key), and for Q8_0 the chunk's rows are dequantized into a scratch
+//!    buffer (`q·d` is exact in f32); with small pages the first rows of each page of the
+//!    next chunk are prefetched first;
+//! 2. scores: register tiles of (query heads × keys) with `LANES` accumulators — 4×4, 2×8,
+//!    1×16 for 16 lanes, 4×2, 2×4, 1×8 otherwise — so every K vector is loaded (and widened)
+//!    once per tile, then reduced together by [`Simd::reduce_sums`];
+//! 3. per query head: the chunk's maximum, `p = exp(s − m)` vectorized over the chunk, and
+//!    the online-softmax rescale of the running sum `l` and the output accumulator `o` when
+//!    the maximum grew;
 //! 4. `o += Σ p·v` with tiles of (query heads × vectors of the row) held in registers across
 //!    the chunk's keys, so every V vector is loaded once per tile.
 //!
@@ -39,11 +43,12 @@ const fn line(n: usize) -> usize {
     n.div_ceil(16) * 16
 }
 
-/// Floats of per-task scratch: the output accumulators, `m` and `l`, the chunk's scores, and
-/// (Q8_0) the chunk's dequantized K and V rows.
-pub(crate) fn scratch_len(group: usize, head_dim: usize) -> usize {
+/// Floats of per-task scratch: per key/value head of the task its output accumulators and
+/// `m`, `l`; shared by them the chunk's scores and (Q8_0) the chunk's dequantized K and V
+/// rows.
+pub(crate) fn scratch_len(group: usize, head_dim: usize, kv_heads: usize) -> usize {
     let dpad = head_dim.div_ceil(QK) * QK;
-    line(group * head_dim) + line(2 * group) + group * CHUNK + 2 * CHUNK * dpad
+    kv_heads * (line(group * head_dim) + line(2 * group)) + group * CHUNK + 2 * CHUNK * dpad
 }
 
 /// `e^x` of one float with the vector `exp` (all lanes equal, so the maximum is it).
@@ -54,17 +59,24 @@ unsafe fn exp1<S: Simd>(x: f32) -> f32 {
 }
 
 /// Calls `f(j, offset)` for keys `c0 .. c0 + n`, `offset` being the store offset of key `j`'s
-/// K row (head `g`): one division for the chunk, then increments.
+/// K row of the head whose rows start at `head_off` in a page: one division for the chunk,
+/// then increments.
 ///
 /// # Safety
 /// `c0 + n <= len`, so that every page index read is inside the sequence's page table.
 #[inline(always)]
-unsafe fn for_rows(a: &TaskArgs<'_>, c0: usize, n: usize, mut f: impl FnMut(usize, usize)) {
+unsafe fn for_rows(
+    a: &TaskArgs<'_>,
+    head_off: usize,
+    c0: usize,
+    n: usize,
+    mut f: impl FnMut(usize, usize),
+) {
     let pt = a.page_tokens;
     let mut pi = c0 / pt;
     let mut tok = c0 % pt;
     // SAFETY: pages (c0 + j) / pt for j < n are inside the table (caller contract).
-    let page_base = |pi: usize| unsafe { *a.pages.add(pi) as usize * a.page_elems + a.head_off };
+    let page_base = |pi: usize| unsafe { *a.pages.add(pi) as usize * a.page_elems + head_off };
     let mut base = page_base(pi);
     for j in 0..n {
         if tok == pt {
@@ -77,7 +89,7 @@ unsafe fn for_rows(a: &TaskArgs<'_>, c0: usize, n: usize, mut f: impl FnMut(usiz
     }
 }
 
-/// Prefetches `bytes` bytes from `p` (hints only: never faults).
+/// Prefetches the cache lines of `bytes` bytes from `p` (hints only: never faults).
 #[inline(always)]
 fn prefetch_bytes<S: Simd>(p: *const u8, bytes: usize) {
     let mut o = 0;
@@ -85,7 +97,6 @@ fn prefetch_bytes<S: Simd>(p: *const u8, bytes: usize) {
         S::prefetch(p.wrapping_add(o));
         o += 64;
     }
-    S::prefetch(p.wrapping_add(bytes - 1));
 }
 
 /// Runs one task (see the module documentation).
@@ -93,9 +104,9 @@ fn prefetch_bytes<S: Simd>(p: *const u8, bytes: usize) {
 /// # Safety
 /// `S`'s ISA is available; `a` describes a validated call: the page table covers `a.len`
 /// tokens and every row it names is inside the store, `k0 < k1 <= len` with `k0` a multiple
-/// of [`CHUNK`], the `group` query rows (`head_dim` floats each) are readable, the output
-/// rows or partial records writable and touched by no other task, and `a.scratch` holds
-/// [`scratch_len`] floats.
+/// of [`CHUNK`], the `kv_heads · group` query rows (`head_dim` floats each) are readable, the
+/// output rows or partial records writable and touched by no other task, and `a.scratch`
+/// holds [`scratch_len`] floats.
 #[inline(always)]
 pub(crate) unsafe fn task<S: Simd>(a: &TaskArgs<'_>) {
     // SAFETY: forwarded contract; the store's element type is the one `dtype` names.
@@ -108,11 +119,19 @@ pub(crate) unsafe fn task<S: Simd>(a: &TaskArgs<'_>) {
     }
 }
 
+/// The running state of one key/value head of a task, in scratch: output accumulators
+/// (`group × head_dim`), running maxima `m` and sums `l` (`group` each).
+#[derive(Clone, Copy)]
+struct HeadState {
+    o: *mut f32,
+    m: *mut f32,
+    l: *mut f32,
+}
+
 /// [`task`] for storage element `B` read directly, or (`Q8`) Q8_0 blocks dequantized per
 /// chunk into f32 scratch (`B = f32`).
 #[inline(always)]
 unsafe fn run<S: Simd, B: Element, const Q8: bool>(a: &TaskArgs<'_>) {
-    let l = S::LANES;
     let d = a.head_dim;
     let g = a.group;
     let dpad = d.div_ceil(QK) * QK;
@@ -121,17 +140,22 @@ unsafe fn run<S: Simd, B: Element, const Q8: bool>(a: &TaskArgs<'_>) {
     // scratch offsets add up to `scratch_len`, rows come from `for_rows` over keys < len,
     // query/output rows are `head_dim` floats at the documented strides.
     unsafe {
-        let o = a.scratch;
-        let m = o.add(line(g * d));
-        let lsum = m.add(g);
-        let s = m.add(line(2 * g));
+        let state = |j: usize| {
+            let o = a.scratch.add(j * (line(g * d) + line(2 * g)));
+            let m = o.add(line(g * d));
+            HeadState { o, m, l: m.add(g) }
+        };
+        let s = a.scratch.add(a.kv_heads * (line(g * d) + line(2 * g)));
         let kb = s.add(g * CHUNK);
         let vb = kb.add(CHUNK * dpad);
-        for i in 0..g {
-            *m.add(i) = f32::NEG_INFINITY;
-            *lsum.add(i) = 0.0;
+        for j in 0..a.kv_heads {
+            let st = state(j);
+            for i in 0..g {
+                *st.m.add(i) = f32::NEG_INFINITY;
+                *st.l.add(i) = 0.0;
+            }
+            std::slice::from_raw_parts_mut(st.o, g * d).fill(0.0);
         }
-        std::slice::from_raw_parts_mut(o, g * d).fill(0.0);
 
         let row_bytes = if Q8 {
             nb * std::mem::size_of::<BlockQ8_0>()
@@ -150,145 +174,161 @@ unsafe fn run<S: Simd, B: Element, const Q8: bool>(a: &TaskArgs<'_>) {
         let mut c0 = a.k0;
         while c0 < a.k1 {
             let n = CHUNK.min(a.k1 - c0);
-            // 1. Row addresses (and Q8_0 dequantization).
-            for_rows(a, c0, n, |j, off| {
-                let koff = off;
-                let voff = off + a.v_off;
-                if Q8 {
-                    let q8 = store.cast::<BlockQ8_0>();
-                    dequant_row(q8.add(koff), nb, kb.add(j * dpad));
-                    dequant_row(q8.add(voff), nb, vb.add(j * dpad));
-                    kp[j] = kb.add(j * dpad).cast::<B>();
-                    vp[j] = vb.add(j * dpad).cast::<B>();
-                } else {
-                    kp[j] = store.cast::<B>().add(koff);
-                    vp[j] = store.cast::<B>().add(voff);
-                }
-            });
-            // Prefetch the chunk after next (two chunks ahead measured better than one for
-            // paged storage, whose blocks break the hardware prefetchers' streams), and at
-            // the start of the partition the next one too.
-            let first = if c0 == a.k0 { c0 + n } else { c0 + n + CHUNK };
-            let mut ahead = first.min(a.k1);
-            while ahead < (c0 + n + 2 * CHUNK).min(a.k1) {
-                let next = CHUNK.min(a.k1 - ahead);
-                for_rows(a, ahead, next, |_, off| {
-                    prefetch_bytes::<S>(store.wrapping_add(off * elem_bytes), row_bytes);
-                    prefetch_bytes::<S>(
-                        store.wrapping_add((off + a.v_off) * elem_bytes),
-                        row_bytes,
-                    );
+            // Prefetch the start of every page run of the next chunk (its first head's
+            // first row, K and V): where pages are small the hardware prefetchers lose the
+            // stream at every page, and they pick it up again from these lines.
+            if a.prefetch && c0 + n < a.k1 {
+                let next = CHUNK.min(a.k1 - c0 - n);
+                let mut last_page = usize::MAX;
+                for_rows(a, a.head_off, c0 + n, next, |j, off| {
+                    let page = (c0 + n + j) / a.page_tokens;
+                    if page != last_page {
+                        last_page = page;
+                        let pk = store.wrapping_add(off * elem_bytes);
+                        let pv = store.wrapping_add((off + a.v_off) * elem_bytes);
+                        prefetch_bytes::<S>(pk, row_bytes);
+                        prefetch_bytes::<S>(pv, row_bytes);
+                    }
                 });
-                ahead += next;
             }
+            for j in 0..a.kv_heads {
+                let st = state(j);
+                let head_off = a.head_off + j * a.head_elems;
+                // Query and bias rows of this key/value head's group.
+                let h0 = j * g;
+                // 1. Row addresses (and Q8_0 dequantization).
+                for_rows(a, head_off, c0, n, |t, off| {
+                    let voff = off + a.v_off;
+                    if Q8 {
+                        let q8 = store.cast::<BlockQ8_0>();
+                        dequant_row(q8.add(off), nb, kb.add(t * dpad));
+                        dequant_row(q8.add(voff), nb, vb.add(t * dpad));
+                        kp[t] = kb.add(t * dpad).cast::<B>();
+                        vp[t] = vb.add(t * dpad).cast::<B>();
+                    } else {
+                        kp[t] = store.cast::<B>().add(off);
+                        vp[t] = store.cast::<B>().add(voff);
+                    }
+                });
 
-            // 2. Scores.
-            let mut h = 0;
-            while h + 4 <= g {
-                score_rows::<S, B, 4, 2>(a, h, &kp, n, s);
-                h += 4;
-            }
-            if h + 2 <= g {
-                score_rows::<S, B, 2, 4>(a, h, &kp, n, s);
-                h += 2;
-            }
-            if h < g {
-                score_rows::<S, B, 1, 8>(a, h, &kp, n, s);
-            }
-            if let Some(rb) = a.bias {
-                let qpos = (a.len - 1) as i64;
-                for j in 0..n {
-                    let bucket = rb.bucket((c0 + j) as i64 - qpos);
-                    let row = &rb.table[bucket * a.n_heads + a.h0..][..g];
-                    for (i, &b) in row.iter().enumerate() {
-                        *s.add(i * CHUNK + j) += b;
+                // 2. Scores.
+                let q = a.q.add(h0 * a.q_head_stride);
+                if S::LANES >= 16 {
+                    score_heads::<S, B, 4, 4, 2, 8, 1, 16>(a, q, &kp, n, s);
+                } else {
+                    score_heads::<S, B, 4, 2, 2, 4, 1, 8>(a, q, &kp, n, s);
+                }
+                if let Some(rb) = a.bias {
+                    let qpos = (a.len - 1) as i64;
+                    for t in 0..n {
+                        let bucket = rb.bucket((c0 + t) as i64 - qpos);
+                        let row = &rb.table[bucket * a.n_heads + a.h0 + h0..][..g];
+                        for (i, &b) in row.iter().enumerate() {
+                            *s.add(i * CHUNK + t) += b;
+                        }
                     }
                 }
-            }
 
-            // 3. Online softmax.
-            for i in 0..g {
-                let srow = s.add(i * CHUNK);
-                for j in n..CHUNK {
-                    *srow.add(j) = f32::NEG_INFINITY;
-                }
-                let mut mx = S::splat(f32::NEG_INFINITY);
-                let mut total = S::zero();
-                let mut j = 0;
-                while j < CHUNK {
-                    let x = S::load(srow.add(j));
-                    mx = S::max(mx, x);
-                    total = S::add(total, x);
-                    j += l;
-                }
-                let cmax = S::reduce_max(mx);
-                // A NaN or +inf score (the max-based softmax would drop it) makes the row NaN,
-                // as in the reference; −inf scores (a −inf bias) are weight 0.
-                let total = S::reduce_sum(total);
-                if total.is_nan() || total == f32::INFINITY {
-                    *lsum.add(i) = f32::NAN;
-                }
-                let m_old = *m.add(i);
-                let m_new = if cmax > m_old { cmax } else { m_old };
-                if m_new == f32::NEG_INFINITY {
-                    // Nothing attended so far: every weight is zero.
-                    std::slice::from_raw_parts_mut(srow, CHUNK).fill(0.0);
-                    continue;
-                }
-                let mv = S::splat(m_new);
-                let mut sum = S::zero();
-                let mut j = 0;
-                while j < CHUNK {
-                    let p = exp::<S>(S::sub(S::load(srow.add(j)), mv));
-                    S::store(srow.add(j), p);
-                    sum = S::add(sum, p);
-                    j += l;
-                }
-                let alpha = if m_old == m_new {
-                    1.0
-                } else {
-                    exp1::<S>(m_old - m_new)
-                };
-                *lsum.add(i) = *lsum.add(i) * alpha + S::reduce_sum(sum);
-                if alpha != 1.0 {
-                    scale_row::<S>(o.add(i * d), d, alpha);
-                }
-                *m.add(i) = m_new;
-            }
+                // 3. Online softmax.
+                softmax_chunk::<S>(st, s, n, g, d);
 
-            // 4. o += Σ p·v.
-            let mut h = 0;
-            while h + 4 <= g {
-                accum::<S, B, 4, 2>(o, s, h, &vp, n, d);
-                h += 4;
-            }
-            if h + 2 <= g {
-                accum::<S, B, 2, 4>(o, s, h, &vp, n, d);
-                h += 2;
-            }
-            if h < g {
-                accum::<S, B, 1, 8>(o, s, h, &vp, n, d);
+                // 4. o += Σ p·v.
+                let mut h = 0;
+                while h + 4 <= g {
+                    accum::<S, B, 4>(st.o, s, h, &vp, n, d);
+                    h += 4;
+                }
+                if h + 2 <= g {
+                    accum::<S, B, 2>(st.o, s, h, &vp, n, d);
+                    h += 2;
+                }
+                if h < g {
+                    accum::<S, B, 1>(st.o, s, h, &vp, n, d);
+                }
             }
             c0 += n;
         }
 
         // Result.
-        for i in 0..g {
-            let oi = o.add(i * d);
-            if a.partial {
-                let rec = a.out.add(i * (d + 2));
-                *rec = *m.add(i);
-                *rec.add(1) = *lsum.add(i);
-                std::ptr::copy_nonoverlapping(oi, rec.add(2), d);
-            } else {
-                let out = a.out.add(i * a.out_head_stride);
-                // l == 0 exactly when no key had a finite score and none was NaN.
-                if *lsum.add(i) == 0.0 {
-                    std::slice::from_raw_parts_mut(out, d).fill(0.0);
+        for j in 0..a.kv_heads {
+            let st = state(j);
+            let out_j = a.out.add(j * a.out_kv_stride);
+            for i in 0..g {
+                let oi = st.o.add(i * d);
+                if a.partial {
+                    let rec = out_j.add(i * (d + 2));
+                    *rec = *st.m.add(i);
+                    *rec.add(1) = *st.l.add(i);
+                    std::ptr::copy_nonoverlapping(oi, rec.add(2), d);
                 } else {
-                    scale_into::<S>(oi, out, d, 1.0 / *lsum.add(i));
+                    let out = out_j.add(i * a.out_head_stride);
+                    // l == 0 exactly when no key had a finite score and none was NaN.
+                    if *st.l.add(i) == 0.0 {
+                        std::slice::from_raw_parts_mut(out, d).fill(0.0);
+                    } else {
+                        scale_into::<S>(oi, out, d, 1.0 / *st.l.add(i));
+                    }
                 }
             }
+        }
+    }
+}
+
+/// The online-softmax step of one chunk for the `g` query heads of a head state: turns the
+/// scores `s[i·CHUNK + j]` (`j < n`) into weights `p = e^(s − m_new)` in place (zeros past
+/// `n`), rescales `l` and the output accumulators when a maximum grew.
+#[inline(always)]
+unsafe fn softmax_chunk<S: Simd>(st: HeadState, s: *mut f32, n: usize, g: usize, d: usize) {
+    let l = S::LANES;
+    // SAFETY: `s` holds g · CHUNK floats, the state's rows g · d and g floats (caller).
+    unsafe {
+        for i in 0..g {
+            let srow = s.add(i * CHUNK);
+            for j in n..CHUNK {
+                *srow.add(j) = f32::NEG_INFINITY;
+            }
+            let mut mx = S::splat(f32::NEG_INFINITY);
+            let mut total = S::zero();
+            let mut j = 0;
+            while j < CHUNK {
+                let x = S::load(srow.add(j));
+                mx = S::max(mx, x);
+                total = S::add(total, x);
+                j += l;
+            }
+            let cmax = S::reduce_max(mx);
+            // A NaN or +inf score (the max-based softmax would drop it) makes the row NaN,
+            // as in the reference; −inf scores (a −inf bias) are weight 0.
+            let total = S::reduce_sum(total);
+            if total.is_nan() || total == f32::INFINITY {
+                *st.l.add(i) = f32::NAN;
+            }
+            let m_old = *st.m.add(i);
+            let m_new = if cmax > m_old { cmax } else { m_old };
+            if m_new == f32::NEG_INFINITY {
+                // Nothing attended so far: every weight is zero.
+                std::slice::from_raw_parts_mut(srow, CHUNK).fill(0.0);
+                continue;
+            }
+            let mv = S::splat(m_new);
+            let mut sum = S::zero();
+            let mut j = 0;
+            while j < CHUNK {
+                let p = exp::<S>(S::sub(S::load(srow.add(j)), mv));
+                S::store(srow.add(j), p);
+                sum = S::add(sum, p);
+                j += l;
+            }
+            let alpha = if m_old == m_new {
+                1.0
+            } else {
+                exp1::<S>(m_old - m_new)
+            };
+            *st.l.add(i) = *st.l.add(i) * alpha + S::reduce_sum(sum);
+            if alpha != 1.0 {
+                scale_row::<S>(st.o.add(i * d), d, alpha);
+            }
+            *st.m.add(i) = m_new;
         }
     }
 }
@@ -313,11 +353,53 @@ unsafe fn dequant_row(src: *const BlockQ8_0, nb: usize, dst: *mut f32) {
     }
 }
 
+/// Scores of the `g` query heads at `q` (rows `q_head_stride` apart) against the chunk's `n`
+/// keys: tiles of `H1 × K1` (heads × keys), then `H2 × K2` for 2 remaining heads, `H3 × K3`
+/// for the last one; `s[i·CHUNK + j] = scale · q_i · k_j`. Each tile's `H·K` dot products
+/// are reduced together ([`Simd::reduce_sums`]), so `H·K = LANES` makes that a transpose.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+unsafe fn score_heads<
+    S: Simd,
+    B: Element,
+    const H1: usize,
+    const K1: usize,
+    const H2: usize,
+    const K2: usize,
+    const H3: usize,
+    const K3: usize,
+>(
+    a: &TaskArgs<'_>,
+    q: *const f32,
+    kp: &[*const B; CHUNK],
+    n: usize,
+    s: *mut f32,
+) {
+    let g = a.group;
+    // SAFETY: forwarded (query rows h < g, `kp[..n]`, `s` of g · CHUNK floats).
+    unsafe {
+        let mut h = 0;
+        while h + H1 <= g {
+            score_rows::<S, B, H1, K1>(a, q, h, kp, n, s);
+            h += H1;
+        }
+        if h + H2 <= g {
+            score_rows::<S, B, H2, K2>(a, q, h, kp, n, s);
+            h += H2;
+        }
+        while h < g {
+            score_rows::<S, B, H3, K3>(a, q, h, kp, n, s);
+            h += H3;
+        }
+    }
+}
+
 /// Scores of query heads `h .. h + HT` against the chunk's `n` keys, `KT` keys per tile
 /// (then one at a time): `s[i·CHUNK + j] = scale · q_i · k_j`.
 #[inline(always)]
 unsafe fn score_rows<S: Simd, B: Element, const HT: usize, const KT: usize>(
     a: &TaskArgs<'_>,
+    q: *const f32,
     h: usize,
     kp: &[*const B; CHUNK],
     n: usize,
@@ -327,75 +409,84 @@ unsafe fn score_rows<S: Simd, B: Element, const HT: usize, const KT: usize>(
     // group · CHUNK floats (caller contract).
     unsafe {
         let mut qs = [std::ptr::null::<f32>(); HT];
-        for (i, q) in qs.iter_mut().enumerate() {
-            *q = a.q.add((h + i) * a.q_head_stride);
+        for (i, qi) in qs.iter_mut().enumerate() {
+            *qi = q.add((h + i) * a.q_head_stride);
         }
         let mut j = 0;
         while j + KT <= n {
             let mut ks = [std::ptr::null::<B>(); KT];
             ks.copy_from_slice(&kp[j..j + KT]);
             let r = dots::<S, B, HT, KT>(&qs, &ks, a.head_dim);
-            for (i, ri) in r.iter().enumerate() {
-                for (t, &x) in ri.iter().enumerate() {
-                    *s.add((h + i) * CHUNK + j + t) = x * a.scale;
+            for i in 0..HT {
+                for t in 0..KT {
+                    *s.add((h + i) * CHUNK + j + t) = r[i * KT + t] * a.scale;
                 }
             }
             j += KT;
         }
         while j < n {
             let r = dots::<S, B, HT, 1>(&qs, &[kp[j]], a.head_dim);
-            for (i, ri) in r.iter().enumerate() {
-                *s.add((h + i) * CHUNK + j) = ri[0] * a.scale;
+            for (i, &ri) in r.iter().take(HT).enumerate() {
+                *s.add((h + i) * CHUNK + j) = ri * a.scale;
             }
             j += 1;
         }
     }
 }
 
-/// The `HT × KT` dot products of query rows `qs` with key rows `ks` (`d` elements each).
+/// The `HT × KT` (at most 16) dot products of query rows `qs` with key rows `ks` (`d`
+/// elements each), row-major in the first `HT·KT` entries.
 #[inline(always)]
 unsafe fn dots<S: Simd, B: Element, const HT: usize, const KT: usize>(
     qs: &[*const f32; HT],
     ks: &[*const B; KT],
     d: usize,
-) -> [[f32; KT]; HT] {
+) -> [f32; 16] {
+    const { assert!(HT * KT <= 16) };
     let l = S::LANES;
     let full = d - d % l;
     // SAFETY: every row holds `d` readable elements (caller contract).
     unsafe {
-        let mut acc = [[S::zero(); KT]; HT];
+        let mut acc = [S::zero(); 16];
         let mut c = 0;
         while c < full {
-            let mut kv = [S::zero(); KT];
-            for (t, x) in kv.iter_mut().enumerate() {
-                *x = load_as_f32::<S, B>(ks[t].add(c));
+            // The HT query vectors stay in registers; each key vector is loaded, widened
+            // and used at once (16 accumulators + HT + 1 registers).
+            let mut qv = [S::zero(); HT];
+            for (i, x) in qv.iter_mut().enumerate() {
+                *x = S::load(qs[i].add(c));
             }
-            for (i, acc_i) in acc.iter_mut().enumerate() {
-                let qv = S::load(qs[i].add(c));
-                for (t, x) in acc_i.iter_mut().enumerate() {
-                    *x = S::fma(qv, kv[t], *x);
+            for t in 0..KT {
+                let kv = load_as_f32::<S, B>(ks[t].add(c));
+                for i in 0..HT {
+                    acc[i * KT + t] = S::fma(qv[i], kv, acc[i * KT + t]);
                 }
             }
             c += l;
         }
-        let mut r = [[0.0f32; KT]; HT];
-        for i in 0..HT {
-            for t in 0..KT {
-                let mut x = S::reduce_sum(acc[i][t]);
-                for cc in full..d {
-                    x += *qs[i].add(cc) * (*ks[t].add(cc)).to_f32();
+        let mut r = [0.0f32; 16];
+        S::reduce_sums(&acc[..HT * KT], r.as_mut_ptr());
+        if full < d {
+            for i in 0..HT {
+                for t in 0..KT {
+                    let mut x = r[i * KT + t];
+                    for cc in full..d {
+                        x += *qs[i].add(cc) * (*ks[t].add(cc)).to_f32();
+                    }
+                    r[i * KT + t] = x;
                 }
-                r[i][t] = x;
             }
         }
         r
     }
 }
 
-/// `o_i += Σ_j p_ij · v_j` for heads `h .. h + HT` over the chunk's `n` keys, `DV` vectors
-/// of the row per tile, then single vectors, then scalar columns.
+/// `o_i += Σ_j p_ij · v_j` for heads `h .. h + HT` over the chunk's `n` keys: register tiles
+/// of `DV` vectors of the row (the widest that fits the register file, 8 down to 1), two
+/// keys at a time into separate accumulators where registers allow (two FMA chains, added
+/// at the end of the chunk), then scalar columns.
 #[inline(always)]
-unsafe fn accum<S: Simd, B: Element, const HT: usize, const DV: usize>(
+unsafe fn accum<S: Simd, B: Element, const HT: usize>(
     o: *mut f32,
     s: *const f32,
     h: usize,
@@ -404,6 +495,9 @@ unsafe fn accum<S: Simd, B: Element, const HT: usize, const DV: usize>(
     d: usize,
 ) {
     let l = S::LANES;
+    // Accumulators the register file holds with room for the V vectors: 16 of 32 zmm, 8 of
+    // 16 ymm (and 8 elsewhere).
+    let acc_max = if l >= 16 { 16 } else { 8 };
     // SAFETY: accumulator rows h..h+HT (`d` floats each) and weight rows (`CHUNK` floats)
     // are in scratch; `vp[..n]` are valid rows of `d` elements (caller contract).
     unsafe {
@@ -414,14 +508,24 @@ unsafe fn accum<S: Simd, B: Element, const HT: usize, const DV: usize>(
             ps[i] = s.add((h + i) * CHUNK);
         }
         let mut c = 0;
-        while c + DV * l <= d {
-            accum_block::<S, B, HT, DV>(&os, &ps, vp, n, c);
-            c += DV * l;
+        macro_rules! cols {
+            ($dv:literal) => {
+                if HT * $dv <= acc_max {
+                    while c + $dv * l <= d {
+                        if 2 * HT * $dv <= acc_max {
+                            accum_block::<S, B, HT, $dv, 2>(&os, &ps, vp, n, c);
+                        } else {
+                            accum_block::<S, B, HT, $dv, 1>(&os, &ps, vp, n, c);
+                        }
+                        c += $dv * l;
+                    }
+                }
+            };
         }
-        while c + l <= d {
-            accum_block::<S, B, HT, 1>(&os, &ps, vp, n, c);
-            c += l;
-        }
+        cols!(8);
+        cols!(4);
+        cols!(2);
+        cols!(1);
         for cc in c..d {
             for i in 0..HT {
                 let mut x = *os[i].add(cc);
@@ -434,9 +538,10 @@ unsafe fn accum<S: Simd, B: Element, const HT: usize, const DV: usize>(
     }
 }
 
-/// One register tile of [`accum`]: columns `c .. c + DV·LANES` of `HT` accumulator rows.
+/// One register tile of [`accum`]: columns `c .. c + DV·LANES` of `HT` accumulator rows,
+/// keys taken `KU` (1 or 2) at a time into `KU` sets of accumulators.
 #[inline(always)]
-unsafe fn accum_block<S: Simd, B: Element, const HT: usize, const DV: usize>(
+unsafe fn accum_block<S: Simd, B: Element, const HT: usize, const DV: usize, const KU: usize>(
     os: &[*mut f32; HT],
     ps: &[*const f32; HT],
     vp: &[*const B; CHUNK],
@@ -446,26 +551,44 @@ unsafe fn accum_block<S: Simd, B: Element, const HT: usize, const DV: usize>(
     let l = S::LANES;
     // SAFETY: columns c..c + DV·l are inside every row (the caller's loop bound).
     unsafe {
-        let mut acc = [[S::zero(); DV]; HT];
+        let mut acc = [[[S::zero(); DV]; HT]; KU];
         for i in 0..HT {
-            for (v, x) in acc[i].iter_mut().enumerate() {
+            for (v, x) in acc[0][i].iter_mut().enumerate() {
                 *x = S::load(os[i].add(c + v * l));
             }
         }
-        for (j, row) in vp.iter().enumerate().take(n) {
-            let mut vv = [S::zero(); DV];
-            for (v, x) in vv.iter_mut().enumerate() {
-                *x = load_as_f32::<S, B>(row.add(c + v * l));
+        let mut j = 0;
+        while j + KU <= n {
+            for (u, acc_u) in acc.iter_mut().enumerate() {
+                let row = vp[j + u];
+                let mut vv = [S::zero(); DV];
+                for (v, x) in vv.iter_mut().enumerate() {
+                    *x = load_as_f32::<S, B>(row.add(c + v * l));
+                }
+                for i in 0..HT {
+                    let p = S::splat(*ps[i].add(j + u));
+                    for (v, x) in acc_u[i].iter_mut().enumerate() {
+                        *x = S::fma(p, vv[v], *x);
+                    }
+                }
             }
+            j += KU;
+        }
+        if j < n {
+            let row = vp[j];
             for i in 0..HT {
                 let p = S::splat(*ps[i].add(j));
-                for (v, x) in acc[i].iter_mut().enumerate() {
-                    *x = S::fma(p, vv[v], *x);
+                for (v, x) in acc[0][i].iter_mut().enumerate() {
+                    *x = S::fma(p, load_as_f32::<S, B>(row.add(c + v * l)), *x);
                 }
             }
         }
         for i in 0..HT {
-            for (v, &x) in acc[i].iter().enumerate() {
+            for v in 0..DV {
+                let mut x = acc[0][i][v];
+                for acc_u in acc.iter().skip(1) {
+                    x = S::add(x, acc_u[i][v]);
+                }
                 S::store(os[i].add(c + v * l), x);
             }
         }

@@ -35,13 +35,18 @@
 //!
 //! The kernel reads straight from the pages. One task per (sequence, key/value head,
 //! partition of [`PARTITION`] keys) handles all the query heads that share the key/value
-//! head, so each K and V row is read from memory once for the whole group; it walks the keys
-//! in chunks of [`CHUNK`] (at absolute key positions, whatever the page size): vector dot
-//! products of the chunk's K rows with the group's queries (f16 widened on the fly, Q8_0
-//! chunks dequantized into an L1-resident buffer, exactly), the chunk maximum, an
-//! online-softmax rescale with a vectorized `exp`, and the weighted sum of the V rows into
-//! register-blocked accumulators; the rows two chunks ahead are prefetched meanwhile. Partitions
-//! of a long sequence run as separate tasks and are merged in a fixed order. Chunk and
+//! head, so each K and V row is read from memory once for the whole group; where a head's
+//! rows in a page are short (small blocks of a paged cache), one task takes several (by
+//! default all) key/value heads and walks each chunk's pages head after head, so the
+//! memory is read front to back as with contiguous storage. A task walks the keys in chunks
+//! of [`CHUNK`] (at absolute key positions, whatever the page size): vector dot products of
+//! the chunk's K rows with the group's queries (f16 widened on the fly, Q8_0 chunks
+//! dequantized into an L1-resident buffer, exactly), reduced a register tile at a time by a
+//! transposing add tree, the chunk maximum, an online-softmax rescale with a vectorized
+//! `exp`, and the weighted sum of the V rows into register-blocked accumulators (two keys
+//! at a time into two sets where registers allow); with small pages the first rows of the
+//! next chunk's pages are prefetched meanwhile. Partitions of a long sequence run as
+//! separate tasks and are merged in a fixed order. Chunk and
 //! partition boundaries depend only on key positions, so results are bit-identical for any
 //! thread count and for contiguous and paged storage of the same values.
 
@@ -603,15 +608,19 @@ pub(crate) struct TaskArgs<'a> {
     pub page_tokens: usize,
     /// Elements per page (K and V halves).
     pub page_elems: usize,
-    /// Offset of head `g`'s rows within a page's K half.
+    /// Offset of the task's first key/value head's rows within a page's K half.
     pub head_off: usize,
+    /// Elements from one head's rows to the next head's within a page.
+    pub head_elems: usize,
+    /// Key/value heads of the task (consecutive, from the one at `head_off`).
+    pub kv_heads: usize,
     /// Elements from a K row to its V row.
     pub v_off: usize,
     /// Store elements per row.
     pub row_elems: usize,
     pub head_dim: usize,
     pub group: usize,
-    /// Query row of head `h0 + i` at `q + i·q_head_stride`.
+    /// Query row of head `h0 + i` (`i < kv_heads · group`) at `q + i·q_head_stride`.
     pub q: *const f32,
     pub q_head_stride: usize,
     pub scale: f32,
@@ -622,11 +631,15 @@ pub(crate) struct TaskArgs<'a> {
     pub len: usize,
     pub k0: usize,
     pub k1: usize,
-    /// Final output: head `h0 + i`'s row at `out + i·out_head_stride`; or, when `partial`,
-    /// `group` records of `[m, l, o[head_dim]]` at `out + i·(head_dim + 2)`.
+    /// The output of the task's key/value head `j` starts at `out + j·out_kv_stride`: the
+    /// final rows of its query heads `i < group` at `+ i·out_head_stride`; or, when
+    /// `partial`, `group` records of `[m, l, o[head_dim]]` at `+ i·(head_dim + 2)`.
     pub out: *mut f32,
     pub out_head_stride: usize,
+    pub out_kv_stride: usize,
     pub partial: bool,
+    /// Whether to prefetch the first rows of each page of the next chunk (small pages).
+    pub prefetch: bool,
     /// Scratch of at least `kernel::scratch_len(group, head_dim)` floats.
     pub scratch: *mut f32,
 }
@@ -686,15 +699,37 @@ fn kernels(isa: Isa) -> Result<&'static Kernels> {
     }
 }
 
-/// One unit of parallel work.
+/// One unit of parallel work: key/value heads `g0 .. g0 + heads` of sequence `b` over
+/// partition `part` of its `parts`.
 #[derive(Clone, Copy)]
 struct Task {
     b: usize,
-    g: usize,
+    g0: usize,
+    heads: usize,
     part: usize,
-    /// Index of the first partial record block of this (sequence, head group), if the
-    /// sequence has several partitions.
+    parts: usize,
+    /// Index of the first partial record block of (sequence `b`, head `g0`), if the sequence
+    /// has several partitions (head `g`'s blocks follow at `+ (g − g0)·parts`).
     partial_base: Option<usize>,
+}
+
+/// A head's rows in one page shorter than this are read together with the other heads'
+/// rows of the page in one task (see [`heads_per_task`]).
+const GROUP_RUN_BYTES: usize = 16 << 10;
+
+/// Key/value heads per task. Each head's rows of a page are contiguous (`run_bytes` of
+/// them); with small pages (a paged cache of 16-token blocks: 2 KiB per head at f16 × 64)
+/// one task per head would read a short run in every page and leave the hardware
+/// prefetchers a new stream every few keys, which measured 2–4× slower than contiguous
+/// storage. Walking every head of the page in turn (each head's arithmetic unchanged) reads
+/// the page's K and V halves front to back instead. Heads are split again while there would
+/// be fewer than two tasks per thread.
+fn heads_per_task(run_bytes: usize, nkv: usize, units: usize, threads: usize) -> usize {
+    let mut hp = if run_bytes >= GROUP_RUN_BYTES { 1 } else { nkv };
+    while hp > 1 && units * nkv.div_ceil(hp) < 2 * threads {
+        hp = hp.div_ceil(2);
+    }
+    hp
 }
 
 /// [`decode_attention`] with every knob explicit.
@@ -754,6 +789,17 @@ pub fn decode_attention_with(
 
     let group = n_heads / nkv;
     let rec = d + 2;
+    let threads = opts.parallelism.threads();
+    let units: usize = lens.iter().map(|l| l.div_ceil(PARTITION)).sum();
+    let elem_bytes = match cache.config.dtype {
+        KvDType::F32 => 4,
+        KvDType::F16 => 2,
+        KvDType::Q8_0 => std::mem::size_of::<BlockQ8_0>(),
+    };
+    let run_bytes = cache
+        .page_tokens
+        .saturating_mul(cache.row_elems * elem_bytes);
+    let hp = heads_per_task(run_bytes, nkv, units, threads);
     let mut tasks = Vec::new();
     let mut merges = Vec::new();
     let mut n_partials = 0usize;
@@ -765,19 +811,23 @@ pub fn decode_attention_with(
             continue;
         }
         let parts = len.div_ceil(PARTITION);
-        for g in 0..nkv {
-            let partial_base = (parts > 1).then(|| {
-                let base = n_partials;
-                n_partials += parts;
-                merges.push((b, g, base, parts));
-                base
-            });
+        let seq_base = (parts > 1).then(|| {
+            let base = n_partials;
+            n_partials += parts * nkv;
+            for g in 0..nkv {
+                merges.push((b, g, base + g * parts, parts));
+            }
+            base
+        });
+        for g0 in (0..nkv).step_by(hp) {
             for part in 0..parts {
                 tasks.push(Task {
                     b,
-                    g,
+                    g0,
+                    heads: hp.min(nkv - g0),
                     part,
-                    partial_base,
+                    parts,
+                    partial_base: seq_base.map(|base| base + g0 * parts),
                 });
             }
         }
@@ -787,22 +837,24 @@ pub fn decode_attention_with(
     let partials = SendPtr(pbuf.get(n_partials * group * rec).as_mut_ptr());
     let optr = SendPtr(out.data.as_mut_ptr());
     let store = cache.store_ptr() as usize;
-    let scratch_len = kernel::scratch_len(group, d);
     let run_task = |t: &Task| {
         let seq = &cache.seqs[seqs[t.b].slot as usize];
-        let h0 = t.g * group;
+        let h0 = t.g0 * group;
         let k0 = t.part * PARTITION;
-        let (out_ptr, out_head_stride) = match t.partial_base {
+        let (out_ptr, out_head_stride, out_kv_stride) = match t.partial_base {
             // SAFETY: record block `base + part` lies inside the partial buffer
-            // (`n_partials · group · rec` floats), and no other task writes it.
+            // (`n_partials · group · rec` floats), and no other task writes it; the task's
+            // later heads' blocks follow `parts` blocks apart, inside the sequence's.
             Some(base) => (
                 unsafe { partials.get().add((base + t.part) * group * rec) },
                 rec,
+                t.parts * group * rec,
             ),
             // SAFETY: (b, 0, h0) is inside `out` (checked by `check_attention`).
             None => (
                 unsafe { optr.get().add(out.layout.offset(t.b, 0, h0)) },
                 out.layout.head_stride,
+                group * out.layout.head_stride,
             ),
         };
         let mut sbuf = scratch::take();
@@ -812,7 +864,9 @@ pub fn decode_attention_with(
             pages: seq.pages.as_ptr(),
             page_tokens: cache.page_tokens,
             page_elems: 2 * cache.half_elems,
-            head_off: t.g * cache.head_elems,
+            head_off: t.g0 * cache.head_elems,
+            head_elems: cache.head_elems,
+            kv_heads: t.heads,
             v_off: cache.half_elems,
             row_elems: cache.row_elems,
             head_dim: d,
@@ -828,8 +882,12 @@ pub fn decode_attention_with(
             k1: (k0 + PARTITION).min(seq.len),
             out: out_ptr,
             out_head_stride,
+            out_kv_stride,
             partial: t.partial_base.is_some(),
-            scratch: sbuf.get(scratch_len).as_mut_ptr(),
+            prefetch: run_bytes < GROUP_RUN_BYTES,
+            scratch: sbuf
+                .get(kernel::scratch_len(group, d, t.heads))
+                .as_mut_ptr(),
         };
         // SAFETY: the ISA is available (`kernels` checked it); the page table covers
         // `len` tokens, the query and output rows of the group are inside their (validated)

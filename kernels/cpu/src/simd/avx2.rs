@@ -123,6 +123,32 @@ unsafe impl Simd for Avx2 {
     }
 
     #[inline(always)]
+    unsafe fn reduce_sums(v: &[__m256], out: *mut f32) {
+        if v.len() != 8 {
+            for (i, &x) in v.iter().enumerate() {
+                // SAFETY: i < v.len() (caller contract on `out`); AVX is available.
+                unsafe { *out.add(i) = Self::reduce_sum(x) };
+            }
+            return;
+        }
+        // SAFETY: AVX is available; `out` holds 8 floats (caller contract).
+        unsafe {
+            // Per 128-bit half: h01 = [v0 pairs, v1 pairs], then [v0, v1, v2, v3] partials.
+            let h01 = _mm256_hadd_ps(v[0], v[1]);
+            let h23 = _mm256_hadd_ps(v[2], v[3]);
+            let h45 = _mm256_hadd_ps(v[4], v[5]);
+            let h67 = _mm256_hadd_ps(v[6], v[7]);
+            let a = _mm256_hadd_ps(h01, h23);
+            let b = _mm256_hadd_ps(h45, h67);
+            // Low halves + high halves: [v0..v3 | v4..v7].
+            let r = _mm256_add_ps(
+                _mm256_permute2f128_ps::<0x20>(a, b),
+                _mm256_permute2f128_ps::<0x31>(a, b),
+            );
+            _mm256_storeu_ps(out, r);
+        }
+    }
+    #[inline(always)]
     fn prefetch<T>(p: *const T) {
         // SAFETY: a prefetch is a hint; it never faults, even on an invalid address.
         unsafe { _mm_prefetch::<_MM_HINT_T0>(p.cast()) }

@@ -98,6 +98,54 @@ unsafe impl Simd for Avx512 {
         unsafe { _mm512_reduce_add_ps(v) }
     }
     #[inline(always)]
+    unsafe fn reduce_sums(v: &[__m512], out: *mut f32) {
+        if v.len() != 16 {
+            for (i, &x) in v.iter().enumerate() {
+                // SAFETY: i < v.len() (caller contract on `out`); AVX-512F is available.
+                unsafe { *out.add(i) = _mm512_reduce_add_ps(x) };
+            }
+            return;
+        }
+        // SAFETY: AVX-512F is available; `out` holds 16 floats (caller contract).
+        unsafe {
+            // 16 -> 8: vector i holds v[2i] in its 128-bit chunks 0, 1 and v[2i+1] in 2, 3.
+            let mut s = [_mm512_setzero_ps(); 8];
+            for (i, si) in s.iter_mut().enumerate() {
+                let (a, b) = (v[2 * i], v[2 * i + 1]);
+                *si = _mm512_add_ps(
+                    _mm512_shuffle_f32x4::<0b01_00_01_00>(a, b),
+                    _mm512_shuffle_f32x4::<0b11_10_11_10>(a, b),
+                );
+            }
+            // 8 -> 4: chunk c of vector j holds 4 partial sums of v[4j + c].
+            let mut u = [_mm512_setzero_ps(); 4];
+            for (j, uj) in u.iter_mut().enumerate() {
+                let (a, b) = (s[2 * j], s[2 * j + 1]);
+                *uj = _mm512_add_ps(
+                    _mm512_shuffle_f32x4::<0b10_00_10_00>(a, b),
+                    _mm512_shuffle_f32x4::<0b11_01_11_01>(a, b),
+                );
+            }
+            // Within each chunk: lane 4c + j ends up with the sum of v[4j + c].
+            let x = _mm512_add_ps(
+                _mm512_unpacklo_ps(u[0], u[1]),
+                _mm512_unpackhi_ps(u[0], u[1]),
+            );
+            let y = _mm512_add_ps(
+                _mm512_unpacklo_ps(u[2], u[3]),
+                _mm512_unpackhi_ps(u[2], u[3]),
+            );
+            let (xd, yd) = (_mm512_castps_pd(x), _mm512_castps_pd(y));
+            let z = _mm512_add_ps(
+                _mm512_castpd_ps(_mm512_unpacklo_pd(xd, yd)),
+                _mm512_castpd_ps(_mm512_unpackhi_pd(xd, yd)),
+            );
+            // Lane i = 4j + c of the result is lane 4c + j of z.
+            let idx = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+            _mm512_storeu_ps(out, _mm512_permutexvar_ps(idx, z));
+        }
+    }
+    #[inline(always)]
     fn prefetch<T>(p: *const T) {
         // SAFETY: a prefetch is a hint; it never faults, even on an invalid address.
         unsafe { _mm_prefetch::<_MM_HINT_T0>(p.cast()) }

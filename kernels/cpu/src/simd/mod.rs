@@ -68,6 +68,22 @@ pub(crate) unsafe trait Simd: Copy + Send + Sync + 'static {
     /// Loads `LANES` bf16 from `p` and widens them to f32 (exact).
     unsafe fn load_bf16(p: *const bf16) -> Self::V;
 
+    /// `out[i] = Σ lanes of v[i]` for every vector of `v`. The default adds each vector on
+    /// its own ([`Simd::reduce_sum`]); the x86 variants override it with a transposing add
+    /// tree when `v` holds exactly `LANES` vectors (about 3 operations per vector instead of
+    /// 2·log₂(LANES)). Each lane sum is taken in a fixed order, so the result depends only
+    /// on `v`.
+    ///
+    /// # Safety
+    /// `out` is valid for `v.len()` writes.
+    #[inline(always)]
+    unsafe fn reduce_sums(v: &[Self::V], out: *mut f32) {
+        for (i, &x) in v.iter().enumerate() {
+            // SAFETY: i < v.len() (caller contract on `out`).
+            unsafe { *out.add(i) = Self::reduce_sum(x) };
+        }
+    }
+
     /// Hints that the cache line holding `p` will be accessed soon. Never faults, whatever
     /// `p` is (prefetches of invalid addresses are dropped by the hardware).
     #[inline(always)]
@@ -183,6 +199,33 @@ mod tests {
             S::store(buf.as_mut_ptr(), exp::<S>(S::zero()));
         }
         assert_eq!(buf[0], 1.0);
+        check_reduce_sums::<S>();
+    }
+
+    /// `reduce_sums` of `LANES` vectors (the tree) and of fewer (the loop): every lane of
+    /// every vector distinct, integers so that every order of summation is exact.
+    fn check_reduce_sums<S: Simd>() {
+        for count in [S::LANES, 3.min(S::LANES), 1] {
+            let vals: Vec<f32> = (0..S::LANES * S::LANES)
+                .map(|i| ((i * 37) % 101) as f32 - 50.0 + (i / S::LANES) as f32 * 1000.0)
+                .collect();
+            let mut out = [f32::NAN; 16];
+            // SAFETY: `vals` holds LANES vectors of LANES floats; `out` holds 16 >= count.
+            unsafe {
+                let v: Vec<S::V> = (0..count)
+                    .map(|r| S::load(vals[r * S::LANES..].as_ptr()))
+                    .collect();
+                S::reduce_sums(&v, out.as_mut_ptr());
+            }
+            for (r, &got) in out.iter().enumerate().take(count) {
+                let want: f32 = vals[r * S::LANES..(r + 1) * S::LANES].iter().sum();
+                assert_eq!(got, want, "reduce_sums of {count} vectors, vector {r}");
+            }
+            assert!(
+                out[count..].iter().all(|x| x.is_nan()),
+                "wrote past {count}"
+            );
+        }
     }
 
     #[test]
