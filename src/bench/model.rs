@@ -974,9 +974,17 @@ fn finish_row(
     row
 }
 
-/// A repetition of `f` that cannot fail any more (it succeeded before timing).
-fn must<T>(r: crate::Result<T>) -> T {
-    r.expect("the same call succeeded before timing")
+/// Times `f` (a forward pass): the first call checks that it succeeds and warms up, the
+/// timed repetitions follow.
+fn time_forward<T>(ctx: &Ctx<'_>, mut f: impl FnMut() -> crate::Result<T>) -> Result<Stats> {
+    black_box(f().map_err(model_err)?);
+    let timing = TimingConfig {
+        warmup: 0,
+        ..ctx.config.timing
+    };
+    Ok(measure(&timing, || {
+        black_box(f().expect("the same call succeeded before timing"));
+    }))
 }
 
 fn run_prefill(
@@ -990,15 +998,7 @@ fn run_prefill(
     let n = s.shapes.prefill;
     let ids = token_ids(n, s.gpt2.vocab, 1);
     let batch = Batch::new(vec![ids.clone()]).map_err(model_err)?;
-    // The first call checks and warms up.
-    black_box(m.forward(&be, &batch).map_err(model_err)?);
-    let timing = TimingConfig {
-        warmup: 0,
-        ..ctx.config.timing
-    };
-    let stats = measure(&timing, || {
-        black_box(must(m.forward(&be, &batch)));
-    });
+    let stats = time_forward(ctx, || m.forward(&be, &batch))?;
     let peer = s.peer.measure(&PeerRequest {
         model_dir: s.gpt2_dir.clone(),
         task: Task::Prefill,
@@ -1123,14 +1123,7 @@ fn run_encode(
     let (b, l) = (s.shapes.encode_batch, s.shapes.encode_seq);
     let ids = token_ids(b * l, s.bert.vocab, 3);
     let batch = Batch::new(ids.chunks(l).map(<[u32]>::to_vec).collect()).map_err(model_err)?;
-    black_box(m.forward(&be, &batch).map_err(model_err)?);
-    let timing = TimingConfig {
-        warmup: 0,
-        ..ctx.config.timing
-    };
-    let stats = measure(&timing, || {
-        black_box(must(m.forward(&be, &batch)));
-    });
+    let stats = time_forward(ctx, || m.forward(&be, &batch))?;
     let peer = s.peer.measure(&PeerRequest {
         model_dir: s.bert_dir.clone(),
         task: Task::Encode,
