@@ -87,8 +87,8 @@ impl BenchBlock for BlockQ8_0 {
             if !forced
                 && std::arch::is_x86_feature_detected!("avx512f")
                 && std::arch::is_x86_feature_detected!("avx512vnni")
-                && n % 16 == 0
-                && k % 256 == 0
+                && n.is_multiple_of(16)
+                && k.is_multiple_of(256)
                 && k > 0
             {
                 return 256;
