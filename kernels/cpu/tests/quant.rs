@@ -151,6 +151,35 @@ prop_compose! {
     }
 }
 
+/// Weight rows for one token (GEMV): one below / at / above the AVX-512 GEMV's 16-row task
+/// granularity and its multiples, and enough rows for several tasks per thread.
+fn gemv_rows() -> impl Strategy<Value = usize> {
+    prop_oneof![
+        3 => prop::sample::select(vec![1usize, 2, 3, 15, 16, 17, 31, 32, 33, 47, 48, 49]),
+        2 => 1usize..200,
+    ]
+}
+
+/// Blocks per row for one token: 1, odd counts, and one below / at / above the GEMV's groups
+/// of 16 blocks (and of its scale windows, 4 and 8 blocks), up to `max`.
+fn gemv_kb(max: usize) -> impl Strategy<Value = usize> {
+    let edges: Vec<usize> = [1usize, 2, 3, 4, 5, 7, 8, 9, 15, 16, 17, 31, 32, 33]
+        .into_iter()
+        .filter(|&k| k <= max)
+        .collect();
+    prop_oneof![3 => prop::sample::select(edges), 1 => 1usize..=max]
+}
+
+prop_compose! {
+    fn gemv_problem(max_kb: usize)(
+        n in gemv_rows(), kb in gemv_kb(max_kb),
+        lda_pad in 0usize..3, ldc_pad in 0usize..3,
+        quantized_weights in any::<bool>(), seed in any::<u64>(),
+    ) -> Problem {
+        Problem { m: 1, n, kb, lda_pad, ldc_pad, quantized_weights, seed }
+    }
+}
+
 /// Runs the problem on `isa` with `threads` and checks it against the reference; returns C.
 fn check_matmul<W: TestWeight>(p: &Problem, isa: Isa, threads: usize) -> Vec<f32> {
     let k = p.kb * W::LEN;
@@ -326,6 +355,21 @@ proptest! {
     }
 
     #[test]
+    fn q8_0_gemv_matches_reference(p in gemv_problem(40)) {
+        check_all_isas::<BlockQ8_0>(&p);
+    }
+
+    #[test]
+    fn q4_0_gemv_matches_reference(p in gemv_problem(40)) {
+        check_all_isas::<BlockQ4_0>(&p);
+    }
+
+    #[test]
+    fn q4_k_gemv_matches_reference(p in gemv_problem(17)) {
+        check_all_isas::<BlockQ4_K>(&p);
+    }
+
+    #[test]
     fn quantized_matmul_is_within_the_quantization_error(p in problem(4)) {
         for isa in isas() {
             check_against_dequantized::<BlockQ8_0>(&p, isa);
@@ -493,21 +537,22 @@ fn non_finite_weight_scales_propagate() {
             let mut w: Vec<W> = (0..n * kb).map(|_| W::random(&mut rng, true)).collect();
             // Row 4's second block gets the bad scale.
             poison(&mut w[4 * kb + 1], bad);
-            for isa in isas() {
-                let mut c = vec![0f32; 3 * n];
+            // Three tokens (tiles) and one (the GEMV path).
+            for (isa, m) in isas().into_iter().flat_map(|i| [(i, 3), (i, 1)]) {
+                let mut c = vec![0f32; m * n];
                 let opts = QuantOptions {
                     isa: Some(isa),
                     parallelism: Parallelism::Threads(2),
                 };
                 quant::matmul_with(
                     &opts,
-                    MatRef::dense(a, 3, k),
+                    MatRef::dense(&a[..m * k], m, k),
                     &w,
                     n,
-                    MatMut::dense(&mut c, 3, n),
+                    MatMut::dense(&mut c, m, n),
                 )
                 .unwrap();
-                for t in 0..3 {
+                for t in 0..m {
                     for j in 0..n {
                         let v = c[t * n + j];
                         if j == 4 {

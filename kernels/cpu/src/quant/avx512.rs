@@ -22,8 +22,44 @@
 //! the `vpdpbusd` and the same transposition work per row.
 //!
 //! Registers: 8 weight vectors + 8 f32 accumulators + 8 i32 block sums + the row scales, out
-//! of 32 zmm. With one token (decode) the same code streams the weights once; the kernel is
-//! then bound by memory bandwidth, not by the transposition.
+//! of 32 zmm.
+//!
+//! # One token (GEMV): one row at a time, 16 blocks per zmm
+//! A decode step is bound by the weight stream, so the GEMV path (`gemv_*`, used by the
+//! driver when `m == 1`) has no transposition and reads the weights in one sequential pass:
+//! the rows one after another (walking 4 or 16 rows at once, a few KiB apart, keeps the
+//! hardware prefetcher from following the streams and measured at a third to a half of the
+//! bandwidth on Zen 4), with an explicit L2 prefetch `GEMV_PREFETCH` (8 KiB) ahead, issued
+//! next to the loads of the bytes it runs ahead of. The token is first *prepared* once per
+//! call (`prepare_*`, into the driver's scratch): its quants laid out to meet the weights as
+//! they are loaded, and per group of 16 blocks the offset correction `−OFFSET·Σa` and the
+//! scales `d_a` in the lane order of that group's sums (zero past the row, so a last partial
+//! group needs no special case on the activation side).
+//!
+//! Per row and group of 16 blocks:
+//! * Q8_0: block pair `j` is one zmm of quants (two 32-byte loads, biased with `xor 0x80`)
+//!   against prepared vector `j`; Q4_0: blocks `4i..4i+4` are one zmm of nibble bytes (four
+//!   16-byte loads), whose low and high nibbles meet two prepared vectors in one `vpdpbusd`
+//!   chain. A fixed tree of `unpck*`/`shufi64x2` + `vpaddd` (21 / 9 ops per group) then sums
+//!   each block's lanes into one lane: 16 *exact block sums* in one zmm, plus the correction,
+//!   converted to f32 and accumulated per lane as `acc += isum·(d_w·d_a)` with one FMA.
+//!   Every block sum is exact before it is scaled, as in the tiles (the error bound of the
+//!   tests is stated per block), and a group costs one conversion and one FMA instead of a
+//!   horizontal reduction per block. The 16 `d_w` are picked out of 128-byte windows of the
+//!   group's bytes with `vpermt2w` (4 windows of 4 Q8_0 blocks, 2 of 8 Q4_0 blocks, every
+//!   window inside the group, checked at compile time); a last partial group reads its
+//!   scales one by one.
+//! * Q4_K: the 16 super-blocks' headers are transposed as in the tiles (lane `b` = block
+//!   `b`), which gives `d`, `dmin`, the 6-bit scales and mins of 16 blocks at once; a block's
+//!   two 64-byte halves of nibbles split into low / high nibbles are sub-blocks (0, 2),
+//!   (1, 3), (4, 6), (5, 7) in the 256-bit halves of 4 vectors, against prepared quants; the
+//!   4 `vpdpbusd` results (at most 4·15·128 per lane, so they fit i16) are paired as words and
+//!   multiplied by their sub-blocks' scales with 2 `vpdpwssd` (the scale word pairs of lane
+//!   `b` spread with one `vpermt2d` each). A 4-level tree puts block `b`'s exact scaled sum in
+//!   lane `b`; the min sums come from the prepared `bsums` pairs (lane `b` = block `b`) with 8
+//!   `vpdpwssd`, so one group ends in two FMAs.
+//! * Each output is the fixed-order horizontal sum of its 16 lanes; a row's operations do not
+//!   depend on its neighbours or on how the rows are split over threads.
 //!
 //! # Signs
 //! `vpdpbusd` needs one unsigned operand; the activations (i8) are always the signed one.
@@ -60,16 +96,21 @@
 //! `.min(127)`, then the truncating `as i8`).
 //!
 //! # Testing without AVX-512
-//! Every intrinsic used here is also implemented by Miri (which is why the f16 scales are
-//! widened 8 at a time and the quantizers avoid 512-bit rounding and `vmaxps zmm`: Miri has
-//! no shim for those), so the tests below also run, against the scalar reference, under
+//! The tile kernels and the quantizers use only intrinsics that Miri implements (which is
+//! why the f16 scales are widened 8 at a time and the quantizers avoid 512-bit rounding and
+//! `vmaxps zmm`), so their tests below can also run, against the scalar reference, under
 //! `cargo +nightly miri test -p tessera-cpu --lib quant::avx512` on any x86-64 host — with
 //! the AVX-512 target features enabled for `tessera-cpu` only (e.g. nightly Cargo's
 //! `profile-rustflags` in a scratch copy of the workspace: with them on every crate, `half`
 //! converts f32 → f16 with `vcvtps2ph`, which Miri lacks) and
-//! `MIRIFLAGS=-Zmiri-disable-isolation` (the driver reads the cache sizes from sysfs).
+//! `MIRIFLAGS=-Zmiri-disable-isolation` (the driver reads the cache sizes from sysfs). The
+//! GEMV path adds `vpermt2w`, `vpermt2d`, `vpdpwssd` and word blends, which have not been
+//! run under Miri (the machine they were written on has no nightly `rust-src`); they run
+//! natively wherever AVX-512 VNNI is present.
 
-use super::{BlockQ4_0, BlockQ4_K, BlockQ8_0, BlockQ8_K, Kernels, QK, QK_K, Table, Tile};
+use super::{
+    BlockQ4_0, BlockQ4_K, BlockQ8_0, BlockQ8_K, Gemv, GemvKernels, Kernels, QK, QK_K, Table, Tile,
+};
 use bytemuck::Zeroable;
 use std::arch::x86_64::*;
 use std::mem::size_of;
@@ -86,16 +127,31 @@ pub(super) static TABLE: Table = Table {
         mr: MR,
         nr: NR,
         tile: tile_q8_0,
+        gemv: Some(GemvKernels {
+            prep_bytes: prep_bytes_32,
+            prepare: prepare_q8_0,
+            run: gemv_q8_0,
+        }),
     },
     q4_0: Kernels {
         mr: MR,
         nr: NR,
         tile: tile_q4_0,
+        gemv: Some(GemvKernels {
+            prep_bytes: prep_bytes_32,
+            prepare: prepare_q4_0,
+            run: gemv_q4_0,
+        }),
     },
     q4_k: Kernels {
         mr: MR,
         nr: NR,
         tile: tile_q4_k,
+        gemv: Some(GemvKernels {
+            prep_bytes: prep_bytes_q4_k,
+            prepare: prepare_q4_k,
+            run: gemv_q4_k,
+        }),
     },
     quantize_q8_0,
     quantize_q8_k,
@@ -626,6 +682,750 @@ unsafe fn tile_q4_k(t: &Tile<BlockQ4_K>) {
 }
 
 // ---------------------------------------------------------------------------------------
+// One token (GEMV).
+
+/// Blocks per GEMV group: the exact sums of 16 consecutive blocks of a row end in the 16
+/// lanes of one zmm.
+const G: usize = 16;
+/// How far ahead of the bytes being computed the GEMV prefetches its (single) weight stream
+/// into L2, in bytes: the hardware prefetcher alone leaves a Zen 4 core at about half of its
+/// read bandwidth on this access pattern; 4-16 KiB measured alike, 1-2 KiB (or into L1)
+/// clearly slower.
+const GEMV_PREFETCH: usize = 8192;
+
+/// Per-lane byte-sum of `v`'s pairs of 32-bit lanes within each 128-bit lane:
+/// `[a0+a2, b0+b2, a1+a3, b1+b3]` per 128-bit lane.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+#[inline]
+fn merge32(a: __m512i, b: __m512i) -> __m512i {
+    _mm512_add_epi32(_mm512_unpacklo_epi32(a, b), _mm512_unpackhi_epi32(a, b))
+}
+
+/// `[x0+x2, x1+x3, y0+y2, y1+y3]` per 128-bit lane (elements 32-bit).
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+#[inline]
+fn merge64(x: __m512i, y: __m512i) -> __m512i {
+    _mm512_add_epi32(_mm512_unpacklo_epi64(x, y), _mm512_unpackhi_epi64(x, y))
+}
+
+/// 128-bit lanes `[a0+a1, a2+a3, b0+b1, b2+b3]`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+#[inline]
+fn merge128(a: __m512i, b: __m512i) -> __m512i {
+    _mm512_add_epi32(
+        _mm512_shuffle_i64x2::<0b10_00_10_00>(a, b),
+        _mm512_shuffle_i64x2::<0b11_01_11_01>(a, b),
+    )
+}
+
+/// Sum of the 16 lanes, in a fixed order (halves, then quarters, ...).
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+#[inline]
+fn hsum16(v: __m512) -> f32 {
+    let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v)));
+    let s = _mm256_add_ps(_mm512_castps512_ps256(v), hi);
+    let s = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps::<1>(s));
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    _mm_cvtss_f32(s)
+}
+
+/// Prefetches the lines of `len` bytes (64 to 192) at `p` + the prefetch distance into L2,
+/// one line in 64 bytes: issued next to the loads of those bytes, so that the prefetches of a
+/// stream are spread over its work (a burst of them per group stalls the loads).
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+#[inline]
+fn spread_prefetch(p: *const u8, len: usize) {
+    let q = p.wrapping_add(GEMV_PREFETCH);
+    for off in (0..len).step_by(64) {
+        _mm_prefetch::<_MM_HINT_T1>(q.wrapping_add(off).cast());
+    }
+}
+
+// --- Q8_0 and Q4_0 ---------------------------------------------------------------------
+
+/// The prepared activation of one group of 16 blocks (Q8_0 and Q4_0 weights): 8 vectors of
+/// quants laid out to meet the weights as [`Gemv32::group_sums`] loads them, then the
+/// offset correction `−OFFSET·Σa` and the scale `d_a` of the block of each lane (in the lane
+/// order of [`Gemv32::lane_block`]); zero for blocks past the row.
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+struct Prep32 {
+    q: [[i8; 64]; 8],
+    corr: [i32; G],
+    da: [f32; G],
+}
+
+/// A 32-quant weight format's GEMV group: 16 blocks of one row to 16 exact block sums.
+trait Gemv32: Block32 {
+    /// Lane `l` of [`Gemv32::group_sums`] holds the sum of block `LANES[l]` (0..16 within
+    /// the group).
+    const LANES: [usize; G];
+    /// How many 128-byte windows of a group's bytes hold its 16 scales (window `i` starts
+    /// at block `i·16/WINDOWS` and holds the scales of its `16/WINDOWS` blocks).
+    const WINDOWS: usize;
+    /// The `vpermt2w` indices and blend masks that pick them (see [`group_scales`]).
+    const SCALES: ScaleTables = scale_tables(size_of::<Self>(), Self::LANES, Self::WINDOWS);
+    fn lane_block(l: usize) -> usize {
+        Self::LANES[l]
+    }
+    /// Vector `v` of the prepared quants of a group whose activation blocks are `a`.
+    fn prep_quants(a: &[BlockQ8_0], v: usize) -> [i8; 64];
+    /// The exact sums `Σ (w + OFFSET)·a` of the first `n` blocks of the group at `w` (blocks
+    /// `n..16` neither read nor counted), lane `l` holding block `lane_block(l)`.
+    ///
+    /// # Safety
+    /// AVX-512 F/BW/VL/VNNI are available, `n` blocks at `w` are readable, `n == 16` when
+    /// `FULL`, and `p` is the group's prepared activation.
+    unsafe fn group_sums<const FULL: bool>(w: *const u8, p: &Prep32, n: usize) -> __m512i;
+}
+
+impl Gemv32 for BlockQ8_0 {
+    /// After [`tree8`]: 128-bit lane `q`, element `i` holds block `8·(q/2) + 2i + q%2`.
+    const LANES: [usize; G] = {
+        let mut o = [0; G];
+        let mut l = 0;
+        while l < G {
+            let (q, i) = (l / 4, l % 4);
+            o[l] = 8 * (q / 2) + 2 * i + q % 2;
+            l += 1;
+        }
+        o
+    };
+    /// 4 blocks of 34 bytes per window: the last scale at bytes 102..104, the last window
+    /// ends at byte 408 + 128 = 536 of the group's 544.
+    const WINDOWS: usize = 4;
+    /// Vector `j` is blocks `2j` and `2j + 1`, 32 quants each.
+    fn prep_quants(a: &[BlockQ8_0], v: usize) -> [i8; 64] {
+        let mut out = [0i8; 64];
+        for (half, o) in out.chunks_exact_mut(QK).enumerate() {
+            if let Some(b) = a.get(2 * v + half) {
+                o.copy_from_slice(&b.qs);
+            }
+        }
+        out
+    }
+    #[inline(always)]
+    unsafe fn group_sums<const FULL: bool>(w: *const u8, p: &Prep32, n: usize) -> __m512i {
+        // SAFETY: forwarded contract.
+        unsafe { group_sums_q8_0::<FULL>(w, p, n) }
+    }
+}
+
+impl Gemv32 for BlockQ4_0 {
+    /// After [`tree4`]: 128-bit lane `c`, element `i` holds block `4i + c`.
+    const LANES: [usize; G] = {
+        let mut o = [0; G];
+        let mut l = 0;
+        while l < G {
+            o[l] = 4 * (l % 4) + l / 4;
+            l += 1;
+        }
+        o
+    };
+    /// 8 blocks of 18 bytes per window: the last scale at bytes 126..128, the last window
+    /// ends at byte 144 + 128 = 272 of the group's 288.
+    const WINDOWS: usize = 2;
+    /// Vector `2i` holds the first 16 quants of blocks `4i..4i + 4` (they meet the low
+    /// nibbles), vector `2i + 1` their last 16 (the high nibbles).
+    fn prep_quants(a: &[BlockQ8_0], v: usize) -> [i8; 64] {
+        let mut out = [0i8; 64];
+        let (quad, half) = (v / 2, v % 2);
+        for (c, o) in out.chunks_exact_mut(QK / 2).enumerate() {
+            if let Some(b) = a.get(4 * quad + c) {
+                o.copy_from_slice(&b.qs[16 * half..16 * half + 16]);
+            }
+        }
+        out
+    }
+    #[inline(always)]
+    unsafe fn group_sums<const FULL: bool>(w: *const u8, p: &Prep32, n: usize) -> __m512i {
+        // SAFETY: forwarded contract.
+        unsafe { group_sums_q4_0::<FULL>(w, p, n) }
+    }
+}
+
+/// Eight vectors whose 128-bit lanes 0-1 hold partial sums of block `2j` and lanes 2-3 of
+/// block `2j + 1` (vector `j`) → one vector of the 16 block sums, in the order of
+/// `BlockQ8_0::lane_block`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+#[inline]
+fn tree8(v: [__m512i; 8]) -> __m512i {
+    // w0 / w1: 128-bit lane c, element i = total of lane c of vector i / 4 + i.
+    let w0 = merge64(merge32(v[0], v[1]), merge32(v[2], v[3]));
+    let w1 = merge64(merge32(v[4], v[5]), merge32(v[6], v[7]));
+    merge128(w0, w1)
+}
+
+/// Four vectors whose 128-bit lane `c` holds the partial sums of block `4i + c` (vector
+/// `i`) → the 16 block sums, in the order of `BlockQ4_0::lane_block`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+#[inline]
+fn tree4(v: [__m512i; 4]) -> __m512i {
+    merge64(merge32(v[0], v[1]), merge32(v[2], v[3]))
+}
+
+/// See [`Gemv32::group_sums`]: block pair `j` is one zmm of weights (two 32-byte loads)
+/// against prepared vector `j`.
+///
+/// # Safety
+/// See [`Gemv32::group_sums`].
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+#[inline]
+unsafe fn group_sums_q8_0<const FULL: bool>(w: *const u8, p: &Prep32, n: usize) -> __m512i {
+    const S: usize = size_of::<BlockQ8_0>();
+    let bias = _mm512_set1_epi8(-128);
+    let mut v = [_mm512_setzero_si512(); 8];
+    for (j, vj) in v.iter_mut().enumerate() {
+        if !FULL && 2 * j >= n {
+            break;
+        }
+        if FULL {
+            spread_prefetch(w.wrapping_add(2 * j * S), 2 * S);
+        }
+        // SAFETY: blocks 2j (and 2j + 1 when it is below n) are readable; qs is bytes 2..34.
+        let z = unsafe {
+            let a = _mm256_loadu_si256(w.add(2 * j * S + 2).cast());
+            if FULL || 2 * j + 1 < n {
+                let b = _mm256_loadu_si256(w.add((2 * j + 1) * S + 2).cast());
+                _mm512_inserti64x4::<1>(_mm512_castsi256_si512(a), b)
+            } else {
+                // The missing block meets zero activations.
+                _mm512_zextsi256_si512(a)
+            }
+        };
+        // SAFETY: p.q[j] is 64 readable bytes.
+        let a = unsafe { _mm512_loadu_si512(p.q[j].as_ptr().cast()) };
+        *vj = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_xor_si512(z, bias), a);
+    }
+    tree8(v)
+}
+
+/// See [`Gemv32::group_sums`]: blocks `4i..4i + 4` are one zmm of nibble bytes (four 16-byte
+/// loads), whose low and high nibbles meet prepared vectors `2i` and `2i + 1`.
+///
+/// # Safety
+/// See [`Gemv32::group_sums`].
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+#[inline]
+unsafe fn group_sums_q4_0<const FULL: bool>(w: *const u8, p: &Prep32, n: usize) -> __m512i {
+    const S: usize = size_of::<BlockQ4_0>();
+    let m = nibble_mask();
+    let mut v = [_mm512_setzero_si512(); 4];
+    for (i, vi) in v.iter_mut().enumerate() {
+        if !FULL && 4 * i >= n {
+            break;
+        }
+        if FULL {
+            spread_prefetch(w.wrapping_add(4 * i * S), 4 * S);
+        }
+        let load = |c: usize| {
+            if FULL || 4 * i + c < n {
+                // SAFETY: block 4i + c < n is readable; qs is bytes 2..18.
+                unsafe { _mm_loadu_si128(w.add((4 * i + c) * S + 2).cast()) }
+            } else {
+                _mm_setzero_si128()
+            }
+        };
+        let z = _mm512_inserti32x4::<1>(_mm512_castsi128_si512(load(0)), load(1));
+        let z = _mm512_inserti32x4::<2>(z, load(2));
+        let z = _mm512_inserti32x4::<3>(z, load(3));
+        let lo = _mm512_and_si512(z, m);
+        let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(z), m);
+        // SAFETY: p.q[2i] and p.q[2i + 1] are 64 readable bytes each.
+        let (alo, ahi) = unsafe {
+            (
+                _mm512_loadu_si512(p.q[2 * i].as_ptr().cast()),
+                _mm512_loadu_si512(p.q[2 * i + 1].as_ptr().cast()),
+            )
+        };
+        *vi = _mm512_dpbusd_epi32(
+            _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, alo),
+            hi,
+            ahi,
+        );
+    }
+    tree4(v)
+}
+
+/// Bytes of the prepared activation for `kb` blocks of a 32-quant format.
+fn prep_bytes_32(kb: usize) -> usize {
+    kb.div_ceil(G) * size_of::<Prep32>()
+}
+
+/// # Safety
+/// See [`super::PrepareFn`].
+unsafe fn prepare_32<W: Gemv32>(
+    a: *const BlockQ8_0,
+    sums: *const i32,
+    ascale: *const f32,
+    kb: usize,
+    out: *mut u8,
+) {
+    // SAFETY: a, sums and ascale cover kb entries; out is prep_bytes_32(kb) bytes, 64-byte
+    // aligned (Prep32's alignment), not aliased by the inputs.
+    let (a, sums, ascale, out) = unsafe {
+        (
+            std::slice::from_raw_parts(a, kb),
+            std::slice::from_raw_parts(sums, kb),
+            std::slice::from_raw_parts(ascale, kb),
+            std::slice::from_raw_parts_mut(out.cast::<Prep32>(), kb.div_ceil(G)),
+        )
+    };
+    for (g, p) in out.iter_mut().enumerate() {
+        let b0 = g * G;
+        let ab = &a[b0..(b0 + G).min(kb)];
+        for (v, q) in p.q.iter_mut().enumerate() {
+            *q = W::prep_quants(ab, v);
+        }
+        for l in 0..G {
+            let b = b0 + W::lane_block(l);
+            (p.corr[l], p.da[l]) = if b < kb {
+                (sums[b].wrapping_mul(-W::OFFSET), ascale[b])
+            } else {
+                (0, 0.0)
+            };
+        }
+    }
+}
+
+/// The most scale windows of a format (see [`Gemv32::WINDOWS`]).
+const MAX_WINDOWS: usize = 4;
+
+/// See [`Gemv32::SCALES`]: for window `i`, the word index into its two 64-byte halves of the
+/// scale of each lane's block (lanes of other windows: 0) and the lanes it provides.
+struct ScaleTables {
+    idx: [[u16; 32]; MAX_WINDOWS],
+    mask: [u32; MAX_WINDOWS],
+}
+
+/// The tables for blocks of `size` bytes, `windows` windows and the lane order `lanes`;
+/// fails to compile (const evaluation) if a scale or a window falls outside the group.
+const fn scale_tables(size: usize, lanes: [usize; G], windows: usize) -> ScaleTables {
+    assert!(windows <= MAX_WINDOWS && G.is_multiple_of(windows));
+    let per = G / windows;
+    assert!(
+        (windows - 1) * per * size + 128 <= G * size,
+        "a window past the group"
+    );
+    let mut t = ScaleTables {
+        idx: [[0; 32]; MAX_WINDOWS],
+        mask: [0; MAX_WINDOWS],
+    };
+    let mut l = 0;
+    while l < G {
+        let (i, j) = (lanes[l] / per, lanes[l] % per);
+        assert!(j * size + 2 <= 128, "a scale outside its window");
+        t.idx[i][l] = (j * size / 2) as u16;
+        t.mask[i] |= 1 << l;
+        l += 1;
+    }
+    t
+}
+
+/// The f16 scales of the 16 blocks of a whole group at `w`, lane `l` holding block
+/// `LANES[l]`'s, as f32: each window is two 64-byte loads, whose words the lanes pick with
+/// `vpermt2w`; three blends join the windows.
+///
+/// # Safety
+/// The group's 16 blocks at `w` are readable (every window ends inside them, which
+/// [`scale_tables`] checks at compile time).
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+#[inline]
+unsafe fn group_scales<W: Gemv32>(w: *const u8) -> __m512 {
+    let s = size_of::<W>();
+    let per = G / W::WINDOWS;
+    let t = &W::SCALES;
+    let mut d = _mm512_setzero_si512();
+    for i in 0..W::WINDOWS {
+        // SAFETY: bytes i·per·s .. + 128 lie inside the group (see above), and idx is 64
+        // readable bytes.
+        let (lo, hi, idx) = unsafe {
+            let p = w.add(i * per * s);
+            (
+                _mm512_loadu_si512(p.cast()),
+                _mm512_loadu_si512(p.add(64).cast()),
+                _mm512_loadu_si512(t.idx[i].as_ptr().cast()),
+            )
+        };
+        let v = _mm512_permutex2var_epi16(lo, idx, hi);
+        d = _mm512_mask_blend_epi16(t.mask[i], d, v);
+    }
+    cvtph16(_mm512_castsi512_si256(d))
+}
+
+/// The f16 scales of the first `n` blocks of a group at `w` (lane `l` holding block
+/// `LANES[l]`'s, 0 for blocks `n..16`), read one by one: the last group of a row.
+///
+/// # Safety
+/// The group's first `n` blocks at `w` are readable.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+#[inline]
+unsafe fn tail_scales<W: Gemv32>(w: *const u8, n: usize) -> __m512 {
+    let mut h = [0u16; G];
+    for (l, hl) in h.iter_mut().enumerate() {
+        let b = W::LANES[l];
+        if b < n {
+            // SAFETY: block b < n; its scale is its first 2 bytes.
+            *hl = unsafe { w.add(b * size_of::<W>()).cast::<u16>().read_unaligned() };
+        }
+    }
+    // SAFETY: h is 32 readable bytes.
+    cvtph16(unsafe { _mm256_loadu_si256(h.as_ptr().cast()) })
+}
+
+/// A Q8_0 / Q4_0 GEMV: the rows one after another, so the weights are read as one
+/// sequential stream (walking several rows at once, a few KiB apart, defeats the hardware
+/// prefetcher and halves the bandwidth on Zen 4).
+///
+/// # Safety
+/// See [`super::GemvFn`].
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+#[inline]
+unsafe fn gemv_32<W: Gemv32>(t: &Gemv<W>) {
+    let s = size_of::<W>();
+    let prep = t.prep.cast::<Prep32>();
+    // acc += (isum − OFFSET·Σa)·(d_w·d_a), per lane (block).
+    let step = |acc: &mut __m512, p: &Prep32, isum: __m512i, dw: __m512| {
+        // SAFETY: 64 readable bytes each.
+        let (corr, da) = unsafe {
+            (
+                _mm512_loadu_si512(p.corr.as_ptr().cast()),
+                _mm512_loadu_ps(p.da.as_ptr()),
+            )
+        };
+        let isum = _mm512_add_epi32(isum, corr);
+        *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_mul_ps(dw, da), *acc);
+    };
+    for r in 0..t.rows {
+        let w = t.w.cast::<u8>().wrapping_add(r * t.ldw * s);
+        let mut acc = _mm512_setzero_ps();
+        for g in 0..t.kb / G {
+            // SAFETY: group g < kb.div_ceil(G) of the prepared activation.
+            let p = unsafe { &*prep.add(g) };
+            let base = w.wrapping_add(g * G * s);
+            // SAFETY: blocks gG .. gG + 16 <= kb of row r < rows.
+            let (isum, dw) =
+                unsafe { (W::group_sums::<true>(base, p, G), group_scales::<W>(base)) };
+            step(&mut acc, p, isum, dw);
+        }
+        let n = t.kb % G;
+        if n > 0 {
+            let g = t.kb / G;
+            // SAFETY: the last group (g < kb.div_ceil(G)).
+            let p = unsafe { &*prep.add(g) };
+            let base = w.wrapping_add(g * G * s);
+            // SAFETY: blocks gG .. gG + n = kb of row r < rows.
+            let (isum, dw) = unsafe {
+                (
+                    W::group_sums::<false>(base, p, n),
+                    tail_scales::<W>(base, n),
+                )
+            };
+            step(&mut acc, p, isum, dw);
+        }
+        // SAFETY: output r < rows (contract).
+        unsafe { *t.c.add(r) = hsum16(acc) };
+    }
+}
+
+/// # Safety
+/// See [`super::GemvFn`].
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn gemv_q8_0(t: &Gemv<BlockQ8_0>) {
+    // SAFETY: forwarded contract.
+    unsafe { gemv_32(t) }
+}
+
+/// # Safety
+/// See [`super::GemvFn`].
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn gemv_q4_0(t: &Gemv<BlockQ4_0>) {
+    // SAFETY: forwarded contract.
+    unsafe { gemv_32(t) }
+}
+
+/// # Safety
+/// See [`super::PrepareFn`].
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn prepare_q8_0(a: *const BlockQ8_0, s: *const i32, d: *const f32, kb: usize, o: *mut u8) {
+    // SAFETY: forwarded contract.
+    unsafe { prepare_32::<BlockQ8_0>(a, s, d, kb, o) }
+}
+
+/// # Safety
+/// See [`super::PrepareFn`].
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn prepare_q4_0(a: *const BlockQ8_0, s: *const i32, d: *const f32, kb: usize, o: *mut u8) {
+    // SAFETY: forwarded contract.
+    unsafe { prepare_32::<BlockQ4_0>(a, s, d, kb, o) }
+}
+
+// --- Q4_K ----------------------------------------------------------------------------
+
+/// The prepared activation of one group of 16 Q8_K super-blocks: per super-block, its quants
+/// as the 4 vectors that meet the low / high nibbles of the two 64-byte halves of a Q4_K
+/// block (see [`superblock_sum`]); the `bsums` pairs `(bsums[2j], bsums[2j + 1])` of every
+/// super-block `b` as lane `b` of vector `j` (for `vpmaddwd`); and the scales `d_a`. Zero
+/// past the row.
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+struct PrepK {
+    q: [[[i8; 64]; 4]; G],
+    bs: [[i32; G]; 8],
+    da: [f32; G],
+}
+
+/// Bytes of the prepared activation for `kb` Q8_K blocks.
+fn prep_bytes_q4_k(kb: usize) -> usize {
+    kb.div_ceil(G) * size_of::<PrepK>()
+}
+
+/// # Safety
+/// See [`super::PrepareFn`].
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn prepare_q4_k(
+    a: *const BlockQ8_K,
+    _sums: *const i32,
+    ascale: *const f32,
+    kb: usize,
+    out: *mut u8,
+) {
+    // SAFETY: a and ascale cover kb entries; out is prep_bytes_q4_k(kb) bytes, 64-byte
+    // aligned (PrepK's alignment), not aliased by the inputs.
+    let (a, ascale, out) = unsafe {
+        (
+            std::slice::from_raw_parts(a, kb),
+            std::slice::from_raw_parts(ascale, kb),
+            std::slice::from_raw_parts_mut(out.cast::<PrepK>(), kb.div_ceil(G)),
+        )
+    };
+    for (g, p) in out.iter_mut().enumerate() {
+        *p = PrepK {
+            q: [[[0; 64]; 4]; G],
+            bs: [[0; G]; 8],
+            da: [0.0; G],
+        };
+        for (b, blk) in a[g * G..].iter().take(G).enumerate() {
+            // Vector v: sub-blocks 2(v/2)·2 + v%2 (low half of the zmm) and that + 2.
+            for (v, q) in p.q[b].iter_mut().enumerate() {
+                let s0 = 4 * (v / 2) + v % 2;
+                for (half, s) in [s0, s0 + 2].into_iter().enumerate() {
+                    let src = &blk.qs[32 * s..32 * s + 32];
+                    for (d, &x) in q[32 * half..32 * half + 32].iter_mut().zip(src) {
+                        *d = x;
+                    }
+                }
+            }
+            for (j, bs) in p.bs.iter_mut().enumerate() {
+                let (lo, hi) = (blk.bsums[2 * j] as u16 as u32, blk.bsums[2 * j + 1] as u16);
+                bs[b] = (lo | (hi as u32) << 16) as i32;
+            }
+            p.da[b] = ascale[g * G + b];
+        }
+    }
+}
+
+/// `pshufb` control that widens bytes `k`, `k + 1` of each dword to its two 16-bit halves.
+const fn pair_ctl(k: u32) -> [u32; G] {
+    let mut c = [0u32; G];
+    let mut i = 0;
+    while i < G {
+        let b = 4 * (i as u32 % 4) + k;
+        c[i] = 0x8000_8000 | b | (b + 1) << 16;
+        i += 1;
+    }
+    c
+}
+const SC_PAIR01: [u32; G] = pair_ctl(0);
+const SC_PAIR23: [u32; G] = pair_ctl(2);
+
+/// The sub-block scales of 16 super-blocks as (scale, scale) word pairs for `vpdpwssd`:
+/// lane `b` of vector `i` holds scales `2i`, `2i + 1` of super-block `b` (`sc_lo` / `sc_hi`
+/// lane `b`: its scales 0-3 / 4-7 as bytes).
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+#[inline]
+fn scale_pairs(sc_lo: __m512i, sc_hi: __m512i) -> [__m512i; 4] {
+    // SAFETY: 64 readable bytes each.
+    let (c01, c23) = unsafe {
+        (
+            _mm512_loadu_si512(SC_PAIR01.as_ptr().cast()),
+            _mm512_loadu_si512(SC_PAIR23.as_ptr().cast()),
+        )
+    };
+    [
+        _mm512_shuffle_epi8(sc_lo, c01),
+        _mm512_shuffle_epi8(sc_lo, c23),
+        _mm512_shuffle_epi8(sc_hi, c01),
+        _mm512_shuffle_epi8(sc_hi, c23),
+    ]
+}
+
+/// The sub-block-scaled partial sums of one Q4_K super-block of a row: its two 64-byte
+/// halves of nibbles split into low and high nibbles are sub-blocks (0, 2), (1, 3), (4, 6),
+/// (5, 7) in the 256-bit halves of 4 vectors, each multiplied (`vpdpbusd`) by the matching
+/// prepared quants and then by its 6-bit scale (lane `b` of `sc_lo` / `sc_hi` holds the
+/// super-block's scales 0-3 / 4-7). The 16 lanes sum to `Σ_j sc_j·Σ q·a`, exactly.
+///
+/// # Safety
+/// The block at `w` (144 bytes) is readable.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+#[inline]
+unsafe fn superblock_sum(w: *const u8, q: &[[i8; 64]; 4], sp: &[__m512i; 4], b: usize) -> __m512i {
+    let m4 = nibble_mask();
+    // SAFETY: bytes 16..80 and 80..144 of the block.
+    let (z0, z1) = unsafe {
+        (
+            _mm512_loadu_si512(w.add(Q4K_QS).cast()),
+            _mm512_loadu_si512(w.add(Q4K_QS + 64).cast()),
+        )
+    };
+    let nib = [
+        _mm512_and_si512(z0, m4),
+        _mm512_and_si512(_mm512_srli_epi16::<4>(z0), m4),
+        _mm512_and_si512(z1, m4),
+        _mm512_and_si512(_mm512_srli_epi16::<4>(z1), m4),
+    ];
+    let mut d = [_mm512_setzero_si512(); 4];
+    for (v, dv) in d.iter_mut().enumerate() {
+        // SAFETY: q[v] is 64 readable bytes.
+        let a = unsafe { _mm512_loadu_si512(q[v].as_ptr().cast()) };
+        *dv = _mm512_dpbusd_epi32(_mm512_setzero_si512(), nib[v], a);
+    }
+    // Each lane of d is 4 products of a nibble and an i8, |·| <= 4·15·128 < 2¹⁵: pair
+    // them as i16 (d0, d1) and (d2, d3) and multiply by the word pairs of their sub-blocks'
+    // scales with vpdpwssd.
+    let pair = |lo: __m512i, hi: __m512i| {
+        _mm512_mask_blend_epi16(0xaaaa_aaaa, lo, _mm512_slli_epi32::<16>(hi))
+    };
+    // Lanes 0-7 from lane b of the first vector, lanes 8-15 from lane b of the second:
+    // (sc0, sc1) | (sc2, sc3), then (sc4, sc5) | (sc6, sc7).
+    let b = b as i32;
+    let idx = _mm512_setr_epi32(
+        b,
+        b,
+        b,
+        b,
+        b,
+        b,
+        b,
+        b,
+        16 + b,
+        16 + b,
+        16 + b,
+        16 + b,
+        16 + b,
+        16 + b,
+        16 + b,
+        16 + b,
+    );
+    let s01 = _mm512_permutex2var_epi32(sp[0], idx, sp[1]);
+    let s23 = _mm512_permutex2var_epi32(sp[2], idx, sp[3]);
+    let s = _mm512_dpwssd_epi32(_mm512_setzero_si512(), pair(d[0], d[1]), s01);
+    _mm512_dpwssd_epi32(s, pair(d[2], d[3]), s23)
+}
+
+/// One group of the first `n` super-blocks (`n == 16` when `FULL`) of a Q4_K row at `w`:
+/// lane `b` of the results is super-block `b`'s exact scaled sum `Σ_j sc_j·Σ q·a`, its
+/// exact min sum `Σ_j m_j·(bsums[2j] + bsums[2j + 1])`, `d` and `dmin` (all 0 for `b >= n`).
+///
+/// # Safety
+/// The `n` blocks at `w` are readable; `p` is the group's prepared activation.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+#[inline]
+unsafe fn group_q4_k<const FULL: bool>(
+    w: *const u8,
+    p: &PrepK,
+    n: usize,
+) -> (__m512i, __m512i, __m512, __m512) {
+    const S: usize = size_of::<BlockQ4_K>();
+    // Headers [d | dmin, scales 0..12] of the 16 super-blocks, transposed: lane b of
+    // vector k is dword k of block b (load_rows_16's layout, zero past n).
+    let mut z = [_mm512_setzero_si512(); 4];
+    for (i, zi) in z.iter_mut().enumerate() {
+        let load = |b: usize| {
+            if FULL || b < n {
+                // SAFETY: block b < n: bytes 0..16.
+                unsafe { _mm_loadu_si128(w.add(b * S).cast()) }
+            } else {
+                _mm_setzero_si128()
+            }
+        };
+        let v = _mm512_inserti32x4::<1>(_mm512_castsi128_si512(load(i)), load(i + 4));
+        let v = _mm512_inserti32x4::<2>(v, load(i + 8));
+        *zi = _mm512_inserti32x4::<3>(v, load(i + 12));
+    }
+    let [hd, u0, u1, u2] = transpose4(z);
+    let dw = cvtph16(_mm512_cvtepi32_epi16(hd));
+    let dmin = cvtph16(_mm512_cvtepi32_epi16(_mm512_srli_epi32::<16>(hd)));
+    let [sc_lo, sc_hi, m_lo, m_hi] = unpack_scales_k4([u0, u1, u2]);
+    let sp = scale_pairs(sc_lo, sc_hi);
+
+    let mut mins = _mm512_setzero_si512();
+    for (j, bs) in p.bs.iter().enumerate() {
+        let m = byte_of_dword_x2(if j < 4 { m_lo } else { m_hi }, j as i32 % 4);
+        // SAFETY: 64 readable bytes.
+        let pair = unsafe { _mm512_loadu_si512(bs.as_ptr().cast()) };
+        mins = _mm512_dpwssd_epi32(mins, m, pair);
+    }
+
+    // Super-blocks 4k..4k + 4 → wq[k] (128-bit lane c, element i: lane c of block 4k + i);
+    // then two merge128 levels put block b in lane b.
+    let mut wq = [_mm512_setzero_si512(); 4];
+    for (k, wk) in wq.iter_mut().enumerate() {
+        if !FULL && 4 * k >= n {
+            break;
+        }
+        let mut v = [_mm512_setzero_si512(); 4];
+        for (i, vi) in v.iter_mut().enumerate() {
+            let b = 4 * k + i;
+            if FULL || b < n {
+                spread_prefetch(w.wrapping_add(b * S), S);
+                // SAFETY: block b < n is readable.
+                *vi = unsafe { superblock_sum(w.add(b * S), &p.q[b], &sp, b) };
+            }
+        }
+        *wk = merge64(merge32(v[0], v[1]), merge32(v[2], v[3]));
+    }
+    let scaled = merge128(merge128(wq[0], wq[1]), merge128(wq[2], wq[3]));
+    (scaled, mins, dw, dmin)
+}
+
+/// A Q4_K GEMV, the rows one after another (see [`gemv_32`]).
+///
+/// # Safety
+/// See [`super::GemvFn`].
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn gemv_q4_k(t: &Gemv<BlockQ4_K>) {
+    const S: usize = size_of::<BlockQ4_K>();
+    let prep = t.prep.cast::<PrepK>();
+    for r in 0..t.rows {
+        let w = t.w.cast::<u8>().wrapping_add(r * t.ldw * S);
+        let mut acc = _mm512_setzero_ps();
+        for g in 0..t.kb.div_ceil(G) {
+            let n = G.min(t.kb - g * G);
+            // SAFETY: group g < kb.div_ceil(G) of the prepared activation.
+            let p = unsafe { &*prep.add(g) };
+            // SAFETY: 64 readable bytes.
+            let da = unsafe { _mm512_loadu_ps(p.da.as_ptr()) };
+            let base = w.wrapping_add(g * G * S);
+            // SAFETY: blocks gG .. gG + n <= kb of row r < rows.
+            let (scaled, mins, dw, dmin) = unsafe {
+                if n == G {
+                    group_q4_k::<true>(base, p, G)
+                } else {
+                    group_q4_k::<false>(base, p, n)
+                }
+            };
+            acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(scaled), _mm512_mul_ps(dw, da), acc);
+            acc = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(mins), _mm512_mul_ps(dmin, da), acc);
+        }
+        // SAFETY: output r < rows (contract).
+        unsafe { *t.c.add(r) = hsum16(acc) };
+    }
+}
+
+// ---------------------------------------------------------------------------------------
 // Activation quantizers.
 
 /// `|v|` (clears the sign bit).
@@ -1115,6 +1915,131 @@ mod tests {
         }
     }
 
+    /// The quant sums and f32 scales of activation blocks (as the driver prepares them).
+    fn act_meta<A: QuantBlock>(a: &[A]) -> (Vec<i32>, Vec<f32>) {
+        let (off, len) = if A::LEN == QK { (2, QK) } else { (4, QK_K) };
+        bytemuck::cast_slice::<_, u8>(a)
+            .chunks_exact(size_of::<A>())
+            .map(|b| {
+                let sum: i32 = b[off..off + len].iter().map(|&q| q as i8 as i32).sum();
+                let d = if A::LEN == QK {
+                    f16::from_le_bytes([b[0], b[1]]).to_f32()
+                } else {
+                    f32::from_le_bytes([b[0], b[1], b[2], b[3]])
+                };
+                (sum, d)
+            })
+            .unzip()
+    }
+
+    /// Runs the GEMV path on `rows` weight rows of `kb` blocks (padded leading dimension,
+    /// the weights exactly as long as the rows need), checks every output against the exact
+    /// value, that nothing past the outputs is written, and that each row gives the same bits
+    /// computed alone.
+    fn check_gemv<W: Exact>(kernels: &Kernels<W>, rng: &mut Rng, rows: usize, kb: usize) {
+        let g = kernels.gemv.as_ref().expect("a GEMV path");
+        let ldw = kb + rng.below(3);
+        let w: Vec<W> = (0..(rows - 1) * ldw + kb).map(|_| W::random(rng)).collect();
+        let x: Vec<f32> = (0..kb * W::Act::LEN)
+            .map(|i| {
+                let v = rng.unit();
+                if i % 29 == 0 { v * 8.0 } else { v }
+            })
+            .collect();
+        let mut a = vec![W::Act::zeroed(); kb];
+        tessera_core::quant::quantize(&x, &mut a).unwrap();
+        let (sums, ascale) = act_meta(&a);
+        let bytes = (g.prep_bytes)(kb);
+        assert_eq!(bytes % 64, 0);
+        let mut buf = crate::scratch::AlignedBuf::default();
+        let prep = buf.get(bytes / 4).as_mut_ptr().cast::<u8>();
+        // SAFETY: the ISA is available (checked by the caller); kb blocks, sums and scales;
+        // prep_bytes(kb) bytes of 64-byte aligned scratch.
+        unsafe { (g.prepare)(a.as_ptr(), sums.as_ptr(), ascale.as_ptr(), kb, prep) };
+        let run = |w: &[W], rows: usize, c: &mut [f32]| {
+            assert!(w.len() >= (rows - 1) * ldw + kb && c.len() >= rows);
+            let t = Gemv {
+                kb,
+                w: w.as_ptr(),
+                ldw,
+                rows,
+                prep,
+                c: c.as_mut_ptr(),
+            };
+            // SAFETY: as above; the rows lie inside w and the outputs inside c (asserted).
+            unsafe { (g.run)(&t) };
+        };
+        let mut c = vec![f32::NAN; rows + 3];
+        run(&w, rows, &mut c);
+        for r in 0..rows {
+            let (want, mag, terms) = W::exact(&w[r * ldw..r * ldw + kb], &a);
+            let got = c[r] as f64;
+            let tol = gamma(terms + 4) * mag + f32::MIN_POSITIVE as f64;
+            assert!(
+                (got - want).abs() <= tol,
+                "{:?} GEMV rows {rows} kb {kb}: C[{r}] = {got}, exact {want}, tol {tol}",
+                W::FORMAT
+            );
+            let mut alone = [f32::NAN; 2];
+            run(&w[r * ldw..r * ldw + kb], 1, &mut alone);
+            assert_eq!(alone[0].to_bits(), c[r].to_bits(), "row {r} alone differs");
+            assert!(alone[1].is_nan(), "a 1-row GEMV wrote past its output");
+        }
+        assert!(c[rows..].iter().all(|v| v.is_nan()), "GEMV wrote past C");
+    }
+
+    fn check_gemvs<W: Exact>(kernels: &Kernels<W>, kbs: &[usize]) {
+        let mut rng = Rng(7);
+        for &kb in kbs {
+            for rows in [1, 2, 3, 5, 16, 17] {
+                check_gemv(kernels, &mut rng, rows, kb);
+            }
+        }
+    }
+
+    #[test]
+    fn gemv_q8_0_matches_the_exact_products() {
+        if skip("gemv_q8_0_matches_the_exact_products") {
+            return;
+        }
+        check_gemvs(&TABLE.q8_0, &[1, 2, 3, 7, 15, 16, 17, 31, 32, 33, 48]);
+    }
+
+    #[test]
+    fn gemv_q4_0_matches_the_exact_products() {
+        if skip("gemv_q4_0_matches_the_exact_products") {
+            return;
+        }
+        check_gemvs(&TABLE.q4_0, &[1, 2, 3, 7, 15, 16, 17, 31, 32, 33, 48]);
+    }
+
+    #[test]
+    fn gemv_q4_k_matches_the_exact_products() {
+        if skip("gemv_q4_k_matches_the_exact_products") {
+            return;
+        }
+        check_gemvs(&TABLE.q4_k, &[1, 2, 3, 15, 16, 17, 33]);
+    }
+
+    /// The scale windows of the GEMV pick every block's scale (the tables are consistent
+    /// with the lane orders).
+    #[test]
+    fn gemv_scale_tables_cover_every_lane() {
+        fn check<W: Gemv32>() {
+            let t = &W::SCALES;
+            let all = t.mask[..W::WINDOWS].iter().fold(0u32, |m, &k| {
+                assert_eq!(m & k, 0, "two windows give one lane");
+                m | k
+            });
+            assert_eq!(all, 0xffff);
+            let mut lanes: Vec<usize> = W::LANES.to_vec();
+            lanes.sort();
+            assert_eq!(lanes, (0..G).collect::<Vec<_>>());
+        }
+        check::<BlockQ8_0>();
+        check::<BlockQ4_0>();
+    }
+
     fn check_tiles<W: Exact>(kernels: &Kernels<W>, kbs: &[usize]) {
         assert_eq!((kernels.mr, kernels.nr), (MR, NR));
         let mut rng = Rng(99);
@@ -1211,7 +2136,14 @@ mod tests {
         let shapes: &[(usize, usize, usize, usize)] = if cfg!(miri) {
             &[(3, 17, 1, 1)]
         } else {
-            &[(1, 40, 5, 1), (9, 33, 3, 3), (17, 16, 2, 2), (2, 1, 4, 1)]
+            &[
+                (1, 40, 5, 1),
+                (9, 33, 3, 3),
+                (17, 16, 2, 2),
+                (2, 1, 4, 1),
+                (1, 37, 17, 3),
+                (1, 100, 33, 2),
+            ]
         };
         for &(m, n, kb, threads) in shapes {
             run::<BlockQ8_0>(m, n, kb, threads);

@@ -24,7 +24,9 @@
 //! `MR` weight rows × `NR` tokens, each computing its `MR·NR` dot products over the whole row
 //! in registers, so every weight block is loaded once per tile and every activation block
 //! once per row group; tokens are taken in chunks whose quantized rows fit in half the L2.
-//! One token (decode) is the same walk with one token per tile: the weights stream once.
+//! One token (decode) takes the ISA's GEMV path where it has one ([`GemvKernels`]: the token
+//! is prepared once in a kernel-specific layout, then a few contiguous row ranges per thread
+//! stream the weights once); elsewhere it is the same walk with one token per tile.
 
 mod scalar;
 
@@ -92,6 +94,47 @@ pub(crate) type TileFn<W> = unsafe fn(&Tile<W>);
 /// The ISA of the kernel is available; `x`, `out` and `sums` cover `nb` blocks.
 pub(crate) type QuantizeFn<A> = unsafe fn(x: *const f32, nb: usize, out: *mut A, sums: *mut i32);
 
+/// One token against a range of weight rows (a GEMV), given the token's activation row in a
+/// kernel-specific prepared form (see [`GemvKernels`]).
+pub(crate) struct Gemv<W: WeightBlock> {
+    /// Blocks per row (the whole reduction).
+    pub kb: usize,
+    /// Weight row `r` (`r < rows`) starts at `w + r·ldw`.
+    pub w: *const W,
+    pub ldw: usize,
+    pub rows: usize,
+    /// The prepared activation row: [`GemvKernels::prep_bytes`]`(kb)` bytes, 64-byte aligned.
+    pub prep: *const u8,
+    /// `C[r]` is written to `c + r`.
+    pub c: *mut f32,
+}
+
+/// A GEMV kernel.
+///
+/// # Safety
+/// The ISA of the kernel is available; `rows >= 1`, `kb >= 1`, the weights cover `rows` rows
+/// of `kb` blocks, `prep` was written by the same table's `prepare` for this `kb`, and
+/// `c .. c + rows` is writable.
+pub(crate) type GemvFn<W> = unsafe fn(&Gemv<W>);
+
+/// Prepares one token for [`GemvFn`]: from its `kb` activation blocks `a`, their quant sums
+/// and their f32 scales, writes [`GemvKernels::prep_bytes`]`(kb)` bytes to `out`.
+///
+/// # Safety
+/// The ISA of the kernel is available; `a`, `sums` and `ascale` cover `kb` entries and `out`
+/// is that many bytes, 64-byte aligned.
+pub(crate) type PrepareFn<A> =
+    unsafe fn(a: *const A, sums: *const i32, ascale: *const f32, kb: usize, out: *mut u8);
+
+/// A dedicated one-token path: the activation row is prepared once per call, then every
+/// weight row range streams against it.
+pub(crate) struct GemvKernels<W: WeightBlock> {
+    /// Bytes of the prepared activation row for `kb` blocks (a multiple of 64).
+    pub prep_bytes: fn(kb: usize) -> usize,
+    pub prepare: PrepareFn<W::Act>,
+    pub run: GemvFn<W>,
+}
+
 /// A weight format's tile kernel and its register tile.
 pub(crate) struct Kernels<W: WeightBlock> {
     /// Weight rows per tile (at most).
@@ -99,6 +142,8 @@ pub(crate) struct Kernels<W: WeightBlock> {
     /// Tokens per tile (at most).
     pub nr: usize,
     pub tile: TileFn<W>,
+    /// The one-token path, where the ISA has one (otherwise one token runs as 1-token tiles).
+    pub gemv: Option<GemvKernels<W>>,
 }
 
 /// Everything one ISA provides.
@@ -392,12 +437,17 @@ fn matmul_impl<W: Dispatch>(
     let act_size = std::mem::size_of::<W::Act>();
     // Scratch: the block sums (i32), the block scales (f32), then the activation blocks, each
     // 64-byte aligned.
+    // With one token and a GEMV kernel, the prepared activation row comes first (its length
+    // is a multiple of 64 bytes, so the rest stays aligned).
+    let gemv = kern.gemv.as_ref().filter(|_| m == 1);
+    let prep_slots = gemv.map_or(0, |g| (g.prep_bytes)(kb).div_ceil(64) * 16);
     let blocks = m * kb;
     let sums_slots = blocks.div_ceil(16) * 16;
     let act_slots = (blocks * act_size).div_ceil(4);
     let mut buf = crate::scratch::take();
     {
-        let flat = buf.get(2 * sums_slots + act_slots);
+        let flat = buf.get(prep_slots + 2 * sums_slots + act_slots);
+        let (prep, flat) = flat.split_at_mut(prep_slots);
         let (sums_f, rest) = flat.split_at_mut(sums_slots);
         let (ascale, act_f) = rest.split_at_mut(sums_slots);
         let ascale = &mut ascale[..blocks];
@@ -430,6 +480,25 @@ fn matmul_impl<W: Dispatch>(
             for (i, ((ar, sr), dr)) in rows.zip(ascale.chunks_mut(kb)).enumerate() {
                 quantize_row(i, ar, sr, dr);
             }
+        }
+
+        if let Some(g) = gemv {
+            let prep: &mut [u8] = bytemuck::cast_slice_mut(prep);
+            // SAFETY: the table's ISA is available; the token's kb blocks, sums and scales,
+            // and prep_bytes(kb) bytes of 64-byte aligned scratch (the buffer is aligned and
+            // prep is its start).
+            unsafe {
+                (g.prepare)(
+                    act.as_ptr(),
+                    sums.as_ptr(),
+                    ascale.as_ptr(),
+                    kb,
+                    prep.as_mut_ptr(),
+                )
+            };
+            gemv_rows(g, threads, w, n, kb, prep, c.data);
+            crate::scratch::give(buf);
+            return;
         }
 
         // Tokens per chunk: their quantized rows fill at most half of the L2.
@@ -479,6 +548,44 @@ fn matmul_impl<W: Dispatch>(
         }
     }
     crate::scratch::give(buf);
+}
+
+/// The GEMV of one prepared token against the `n` weight rows: contiguous ranges of rows, a
+/// few per thread so that a busy core leaves its share to the others (every output is
+/// computed by the same operations whichever range holds its row).
+fn gemv_rows<W: WeightBlock>(
+    g: &GemvKernels<W>,
+    threads: usize,
+    w: &[W],
+    n: usize,
+    kb: usize,
+    prep: &[u8],
+    c: &mut [f32],
+) {
+    let tasks = if threads > 1 { 4 * threads } else { 1 };
+    let per = n.div_ceil(tasks).div_ceil(16).max(1) * 16;
+    let ranges = n.div_ceil(per);
+    let cptr = SendPtr(c.as_mut_ptr());
+    let run = |ri: usize| {
+        let (r0, r1) = (ri * per, ((ri + 1) * per).min(n));
+        let args = Gemv {
+            kb,
+            w: w[r0 * kb..].as_ptr(),
+            ldw: kb,
+            rows: r1 - r0,
+            prep: prep.as_ptr(),
+            // SAFETY: r0 < n, inside C's first row.
+            c: unsafe { cptr.get().add(r0) },
+        };
+        // SAFETY: the ISA is available (the table was checked); rows r0..r1 < n of kb blocks
+        // lie inside W, prep was prepared for kb, and C[0, r0..r1] is this task's alone.
+        unsafe { (g.run)(&args) };
+    };
+    if ranges > 1 {
+        (0..ranges).into_par_iter().for_each(run);
+    } else {
+        run(0);
+    }
 }
 
 #[cfg(test)]
