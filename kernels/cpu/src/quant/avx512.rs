@@ -11,7 +11,7 @@
 //! `{1to16}` memory operand), so 8 `vpdpbusd` give a token's 16 exact block sums in one
 //! register, with no horizontal reduction at all. The transposition (8 loads, 8 inserts and
 //! 24 in-lane / 128-bit shuffles per block of 16 rows) is paid once per tile and block and
-//! reused by the 16 tokens of the tile, which cost 8 `vpdpbusd` each per block.
+//! reused by the tokens of the tile (up to 64), which cost 8 `vpdpbusd` each per block.
 //!
 //! This beats the usual "one dot product per register, then reduce" layout (one 256-bit
 //! `vpdpbusd` per row, token and block, then about 1.3 shuffle-adds per product for the
@@ -28,10 +28,13 @@
 //! one starting at the offset correction) and tokens go in pairs, so 4 independent chains are
 //! in flight instead of one 8-deep chain per token (which left the pipes idle on latency);
 //! each token then costs the 8 `vpdpbusd`, one add, one conversion, one multiply (`d_w·d_a`)
-//! and one FMA per block. Registers: 8 weight vectors, the row scales, 16 f32 accumulators
-//! and 4 chains. Q4_K keeps a group's 8 low-nibble and 8 high-nibble vectors in registers
-//! and the tile's per-token sums and accumulators in L1 (touched once per group / block:
-//! cheaper than re-transposing the weights for fewer tokens): a token's 16 `vpdpbusd` per
+//! and one FMA per block. The token loop runs at that pipe pair's rate, so what is left to
+//! amortize is the transposition: a tile takes up to `NR_32` = `NR_K` = 64 tokens (a
+//! run-time count; the driver splits its L2-sized chunks of tokens evenly into such tiles),
+//! with the weight vectors and the row scales in registers and each token's f32
+//! accumulator (and Q4_K's per-token sums) in L1, loaded and stored once per block (or
+//! group): cheaper than transposing the weights again for every few tokens. Q4_K keeps a
+//! group's 8 low-nibble and 8 high-nibble vectors in registers: a token's 16 `vpdpbusd` per
 //! group are 4 chains of 4, then 2 `vpmulld` by the sub-block scales; the min sums are two
 //! `vpdpwssd` chains; one block costs a token `acc += d_a·(scaled·d − mins·dmin)` (a
 //! multiply and two FMAs, each rounding relative to at most the block's magnitude).
@@ -95,8 +98,8 @@
 //! are exact for any block bytes, as in the scalar kernel.
 //!
 //! Edge tiles: rows past `rows` repeat the last row (read inside the tile, results
-//! discarded; the store writes `rows` values), tokens are a const parameter (1..=16), so a
-//! tile never reads or writes outside what [`Tile`] describes.
+//! discarded; the store writes `rows` values), and only the tile's `tokens` (1..=64) are
+//! read and written, so a tile never reads or writes outside what [`Tile`] describes.
 //!
 //! # Quantizers
 //! 256-bit AVX2 arithmetic with the reference's operations in the reference's order, so the
@@ -132,8 +135,8 @@ use tessera_core::quant::WeightBlock;
 /// Weight rows per tile: one per 32-bit lane of a zmm.
 const MR: usize = 16;
 /// Tokens per tile: Q8_0 / Q4_0 (8 weight vectors, 16 accumulators) and Q4_K.
-const NR_32: usize = 16;
-const NR_K: usize = 16;
+const NR_32: usize = 64;
+const NR_K: usize = 64;
 
 pub(super) static TABLE: Table = Table {
     q8_0: Kernels {
@@ -329,12 +332,12 @@ fn row_offsets(rows: usize, ldw_bytes: usize) -> [usize; MR] {
 /// Writes the `rows` first lanes of each token's accumulator to `c + t·ldc`.
 ///
 /// # Safety
-/// `c + t·ldc .. + rows` is writable for `t < NT`, and `rows <= 16`.
+/// `c + t·ldc .. + rows` is writable for `t < acc.len()`, and `rows <= 16`.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
 #[inline]
-unsafe fn store_tile<const NT: usize>(acc: &[__m512; NT], c: *mut f32, ldc: usize, rows: usize) {
+unsafe fn store_tile(acc: &[__m512], c: *mut f32, ldc: usize, rows: usize) {
     for (tk, &v) in acc.iter().enumerate() {
-        // SAFETY: row tk < NT of C, rows values (contract).
+        // SAFETY: row tk < acc.len() of C, rows values (contract).
         unsafe {
             let dst = c.add(tk * ldc);
             if rows == MR {
@@ -348,21 +351,16 @@ unsafe fn store_tile<const NT: usize>(acc: &[__m512; NT], c: *mut f32, ldc: usiz
     }
 }
 
-/// Calls `$f::<NT>($t)` with the tile's token count as the const `NT` (1..=`$nr`, one of the
-/// listed counts; the last is `$nr`).
-macro_rules! by_tokens {
-    ($f:ident, $t:expr, $nr:expr, [$($n:literal)*]) => {{
+/// Checks a tile's shape (debug builds).
+macro_rules! check_tile {
+    ($t:expr, $nr:expr) => {
         debug_assert!(
             (1..=$nr).contains(&$t.tokens) && (1..=MR).contains(&$t.rows),
             "tile of {} rows x {} tokens",
             $t.rows,
             $t.tokens
-        );
-        match $t.tokens {
-            $($n => $f::<$n>($t),)*
-            _ => $f::<{ $nr }>($t),
-        }
-    }};
+        )
+    };
 }
 
 // ---------------------------------------------------------------------------------------
@@ -439,16 +437,18 @@ unsafe fn unpack_q4_0(base: *const u8, roff: &[usize; MR]) -> ([__m512i; 8], __m
     (w, d)
 }
 
-/// A Q8_0 / Q4_0 tile with `NT` tokens.
+/// A Q8_0 / Q4_0 tile.
 ///
 /// # Safety
-/// See [`super::TileFn`], with `tokens == NT`.
+/// See [`super::TileFn`].
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-unsafe fn tile_32<W: Block32, const NT: usize>(t: &Tile<W>) {
+unsafe fn tile_32<W: Block32>(t: &Tile<W>) {
+    check_tile!(t, NR_32);
     let wsize = size_of::<W>();
     let roff = row_offsets(t.rows, t.ldw * wsize);
     let w0 = t.w.cast::<u8>();
-    let mut acc = [_mm512_setzero_ps(); NT];
+    let nt = t.tokens;
+    let mut acc = [_mm512_setzero_ps(); NR_32];
     for b in 0..t.kb {
         // SAFETY: block b < kb of rows min(r, rows - 1) < rows: inside the tile's weights.
         let (wq, dw) = unsafe { W::unpack(w0.add(b * wsize), &roff) };
@@ -470,7 +470,7 @@ unsafe fn tile_32<W: Block32, const NT: usize>(t: &Tile<W>) {
             *acc_t = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), scale, *acc_t);
         };
         let mut tk = 0;
-        while tk + 2 <= NT {
+        while tk + 2 <= nt {
             let ((q0, mut e0), (q1, mut e1)) = (isums(tk), isums(tk + 1));
             let (mut o0, mut o1) = (_mm512_setzero_si512(), _mm512_setzero_si512());
             for c in (0..8).step_by(2) {
@@ -486,7 +486,7 @@ unsafe fn tile_32<W: Block32, const NT: usize>(t: &Tile<W>) {
             finish(&mut acc[tk + 1], tk + 1, e1, o1);
             tk += 2;
         }
-        if tk < NT {
+        if tk < nt {
             let (q0, mut e0) = isums(tk);
             let mut o0 = _mm512_setzero_si512();
             for c in (0..8).step_by(2) {
@@ -499,40 +499,24 @@ unsafe fn tile_32<W: Block32, const NT: usize>(t: &Tile<W>) {
             finish(&mut acc[tk], tk, e0, o0);
         }
     }
-    // SAFETY: C rows 0..NT, columns 0..rows of the tile (contract).
-    unsafe { store_tile(&acc, t.c, t.ldc, t.rows) }
+    // SAFETY: C rows 0..tokens, columns 0..rows of the tile (contract).
+    unsafe { store_tile(&acc[..nt], t.c, t.ldc, t.rows) }
 }
 
 /// # Safety
 /// See [`super::TileFn`].
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
 unsafe fn tile_q8_0(t: &Tile<BlockQ8_0>) {
-    // SAFETY: forwarded contract; NT is the tile's token count (1..=NR_32).
-    unsafe { by_tokens!(tile_q8_0_n, t, NR_32, [1 2 3 4 5 6 7 8 9 10 11 12 13 14 15]) }
-}
-
-/// # Safety
-/// See [`super::TileFn`], with `tokens == NT`.
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-unsafe fn tile_q8_0_n<const NT: usize>(t: &Tile<BlockQ8_0>) {
     // SAFETY: forwarded contract.
-    unsafe { tile_32::<BlockQ8_0, NT>(t) }
+    unsafe { tile_32(t) }
 }
 
 /// # Safety
 /// See [`super::TileFn`].
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
 unsafe fn tile_q4_0(t: &Tile<BlockQ4_0>) {
-    // SAFETY: forwarded contract; NT is the tile's token count (1..=NR_32).
-    unsafe { by_tokens!(tile_q4_0_n, t, NR_32, [1 2 3 4 5 6 7 8 9 10 11 12 13 14 15]) }
-}
-
-/// # Safety
-/// See [`super::TileFn`], with `tokens == NT`.
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-unsafe fn tile_q4_0_n<const NT: usize>(t: &Tile<BlockQ4_0>) {
     // SAFETY: forwarded contract.
-    unsafe { tile_32::<BlockQ4_0, NT>(t) }
+    unsafe { tile_32(t) }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -623,17 +607,19 @@ fn byte_of_dword_x2(v: __m512i, k: i32) -> __m512i {
     _mm512_shuffle_epi8(v, _mm512_or_si512(base, _mm512_set1_epi32(k | (k << 16))))
 }
 
-/// A Q4_K tile with `NT` tokens.
+/// A Q4_K tile.
 ///
 /// # Safety
-/// See [`super::TileFn`], with `tokens == NT`.
+/// See [`super::TileFn`].
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-unsafe fn tile_q4_k_n<const NT: usize>(t: &Tile<BlockQ4_K>) {
+unsafe fn tile_q4_k(t: &Tile<BlockQ4_K>) {
+    check_tile!(t, NR_K);
+    let nt = t.tokens;
     let wsize = size_of::<BlockQ4_K>();
     let roff = row_offsets(t.rows, t.ldw * wsize);
     let w0 = t.w.cast::<u8>();
     let m4 = nibble_mask();
-    let mut acc = [_mm512_setzero_ps(); NT];
+    let mut acc = [_mm512_setzero_ps(); NR_K];
     for b in 0..t.kb {
         // SAFETY: block b < kb of the first row, inside the tile's weights.
         let base = unsafe { w0.add(b * wsize) };
@@ -644,7 +630,7 @@ unsafe fn tile_q4_k_n<const NT: usize>(t: &Tile<BlockQ4_K>) {
         let dmin = cvtph16(_mm512_cvtepi32_epi16(_mm512_srli_epi32::<16>(hd)));
         let [sc_lo, sc_hi, m_lo, m_hi] = unpack_scales_k4([u0, u1, u2]);
 
-        let mut scaled = [_mm512_setzero_si512(); NT];
+        let mut scaled = [_mm512_setzero_si512(); NR_K];
         for g in 0..QK_K / 64 {
             // Nibbles of group g: low = sub-block 2g, high = sub-block 2g + 1.
             // SAFETY: bytes 16 + 32g .. 48 + 32g of the same blocks.
@@ -659,7 +645,7 @@ unsafe fn tile_q4_k_n<const NT: usize>(t: &Tile<BlockQ4_K>) {
             let s = if g < 2 { sc_lo } else { sc_hi };
             let k = 2 * (g as i32 % 2);
             let (s0, s1) = (byte_of_dword(s, k), byte_of_dword(s, k + 1));
-            for (tk, sc_t) in scaled.iter_mut().enumerate() {
+            for (tk, sc_t) in scaled[..nt].iter_mut().enumerate() {
                 // SAFETY: token tk < tokens, block b: its quants 64g .. 64g + 64.
                 let aq = unsafe { t.a.add(tk * t.lda + b).cast::<u8>().add(Q8K_QS + 64 * g) };
                 // Four vpdpbusd chains of 4 (low / high nibbles, even / odd dwords): a
@@ -688,7 +674,7 @@ unsafe fn tile_q4_k_n<const NT: usize>(t: &Tile<BlockQ4_K>) {
         for (j, v) in mj.iter_mut().enumerate() {
             *v = byte_of_dword_x2(if j < 4 { m_lo } else { m_hi }, j as i32 % 4);
         }
-        for (tk, acc_t) in acc.iter_mut().enumerate() {
+        for (tk, acc_t) in acc[..nt].iter_mut().enumerate() {
             let at = tk * t.lda + b;
             // SAFETY: token tk < tokens: its block b (whose bsums are bytes 260..292) and
             // scale b are inside the tile.
@@ -708,16 +694,8 @@ unsafe fn tile_q4_k_n<const NT: usize>(t: &Tile<BlockQ4_K>) {
             *acc_t = _mm512_fmadd_ps(v, _mm512_set1_ps(da), *acc_t);
         }
     }
-    // SAFETY: C rows 0..NT, columns 0..rows of the tile (contract).
-    unsafe { store_tile(&acc, t.c, t.ldc, t.rows) }
-}
-
-/// # Safety
-/// See [`super::TileFn`].
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-unsafe fn tile_q4_k(t: &Tile<BlockQ4_K>) {
-    // SAFETY: forwarded contract; NT is the tile's token count (1..=NR_K).
-    unsafe { by_tokens!(tile_q4_k_n, t, NR_K, [1 2 3 4 5 6 7 8 9 10 11 12 13 14 15]) }
+    // SAFETY: C rows 0..tokens, columns 0..rows of the tile (contract).
+    unsafe { store_tile(&acc[..nt], t.c, t.ldc, t.rows) }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -2182,6 +2160,8 @@ mod tests {
                 (2, 1, 4, 1),
                 (1, 37, 17, 3),
                 (1, 100, 33, 2),
+                (70, 19, 2, 2),
+                (130, 33, 1, 3),
             ]
         };
         for &(m, n, kb, threads) in shapes {

@@ -501,10 +501,13 @@ fn matmul_impl<W: Dispatch>(
             return;
         }
 
-        // Tokens per chunk: their quantized rows fill at most half of the L2.
+        // Tokens per chunk: their quantized rows fill at most half of the L2 (a multiple of
+        // the tile's tokens, or of 16 for tiles of more than 16 tokens, which then split the
+        // chunk evenly).
         let (mr, nr) = (kern.mr, kern.nr);
         let l2 = CacheInfo::detect().l2;
-        let chunk = ((l2 / 2) / (kb * act_size)).max(nr) / nr * nr;
+        let unit = nr.min(16);
+        let chunk = ((l2 / 2) / (kb * act_size)).max(unit) / unit * unit;
         // Weight rows per thread: contiguous ranges, multiples of MR.
         let per = n.div_ceil(mr).div_ceil(threads).max(1) * mr;
         let ranges = n.div_ceil(per);
@@ -517,8 +520,9 @@ fn matmul_impl<W: Dispatch>(
             let (r_start, r_end) = (ri * per, ((ri + 1) * per).min(n));
             for t0 in (0..m).step_by(chunk) {
                 let t_end = (t0 + chunk).min(m);
+                let step = (t_end - t0).div_ceil((t_end - t0).div_ceil(nr));
                 for r0 in (r_start..r_end).step_by(mr) {
-                    for t1 in (t0..t_end).step_by(nr) {
+                    for t1 in (t0..t_end).step_by(step) {
                         let tile_args = Tile {
                             kb,
                             w: w[r0 * kb..].as_ptr(),
@@ -528,7 +532,7 @@ fn matmul_impl<W: Dispatch>(
                             sums: sums[t1 * kb..].as_ptr(),
                             ascale: ascale[t1 * kb..].as_ptr(),
                             lda: kb,
-                            tokens: nr.min(t_end - t1),
+                            tokens: step.min(t_end - t1),
                             // SAFETY: t1 < m and r0 < n, so the offset lies inside C.
                             c: unsafe { cptr.get().add(t1 * ldc + r0) },
                             ldc,
