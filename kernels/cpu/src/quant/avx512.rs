@@ -53,9 +53,10 @@
 //!
 //! Per row and group of 16 blocks:
 //! * Q8_0: block pair `j` is one zmm of quants (two 32-byte loads, biased with `xor 0x80`)
-//!   against prepared vector `j`; Q4_0: blocks `4i..4i+4` are one zmm of nibble bytes (four
-//!   16-byte loads), whose low and high nibbles meet two prepared vectors in one `vpdpbusd`
-//!   chain. A fixed tree of `unpck*`/`shufi64x2` + `vpaddd` (21 / 9 ops per group) then sums
+//!   against prepared vector `j`; Q4_0: blocks `4i..4i+4` are one zmm of nibble bytes (their
+//!   quants lie at even offsets of a 128-byte window: two 64-byte loads and one `vpermt2w`,
+//!   the last window ending with the group), whose low and high nibbles meet two prepared
+//!   vectors in one `vpdpbusd` chain. A fixed tree of `unpck*`/`shufi64x2` + `vpaddd` (21 / 9 ops per group) then sums
 //!   each block's lanes into one lane: 16 *exact block sums* in one zmm, plus the correction,
 //!   converted to f32 and accumulated per lane as `acc += isum·(d_w·d_a)` with one FMA.
 //!   Every block sum is exact before it is scaled, as in the tiles (the error bound of the
@@ -933,20 +934,14 @@ unsafe fn group_sums_q4_0<const FULL: bool>(w: *const u8, p: &Prep32, n: usize) 
         if !FULL && 4 * i >= n {
             break;
         }
-        if FULL {
+        let z = if FULL {
             spread_prefetch(w.wrapping_add(4 * i * S), 4 * S);
-        }
-        let load = |c: usize| {
-            if FULL || 4 * i + c < n {
-                // SAFETY: block 4i + c < n is readable; qs is bytes 2..18.
-                unsafe { _mm_loadu_si128(w.add((4 * i + c) * S + 2).cast()) }
-            } else {
-                _mm_setzero_si128()
-            }
+            // SAFETY: the group's 16 blocks are readable (FULL).
+            unsafe { quad_q4_0(w, i) }
+        } else {
+            // SAFETY: the first n blocks are readable.
+            unsafe { quad_q4_0_tail(w, i, n) }
         };
-        let z = _mm512_inserti32x4::<1>(_mm512_castsi128_si512(load(0)), load(1));
-        let z = _mm512_inserti32x4::<2>(z, load(2));
-        let z = _mm512_inserti32x4::<3>(z, load(3));
         let lo = _mm512_and_si512(z, m);
         let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(z), m);
         // SAFETY: p.q[2i] and p.q[2i + 1] are 64 readable bytes each.
@@ -963,6 +958,79 @@ unsafe fn group_sums_q4_0<const FULL: bool>(w: *const u8, p: &Prep32, n: usize) 
         );
     }
     tree4(v)
+}
+
+/// Start (in bytes from the group) of the 128-byte window that holds the quants of blocks
+/// `4i..4i + 4` of a Q4_0 group: the quad's own start, except for the last quad, whose window
+/// ends with the group (at byte 288) instead of past it. Windows 0 and 2 are also the scale
+/// windows of [`group_scales`], so their loads are shared.
+const fn q4_0_window(i: usize) -> usize {
+    if i < 3 { 72 * i } else { 160 }
+}
+
+/// `vpermt2w` indices that gather the 4×16 quant bytes of a quad (block `c`'s at bytes
+/// `18c + 2 .. 18c + 18` of the quad: even offsets) into 128-bit lane `c`, from a window
+/// that starts `shift` bytes before the quad.
+const fn q4_0_quad_idx(shift: usize) -> [u16; 32] {
+    let mut o = [0u16; 32];
+    let mut p = 0;
+    while p < 32 {
+        let byte = shift + 18 * (p / 8) + 2 + 2 * (p % 8);
+        assert!(byte + 2 <= 128, "a quant outside its window");
+        o[p] = (byte / 2) as u16;
+        p += 1;
+    }
+    o
+}
+const Q4_0_QUAD_IDX: [u16; 32] = q4_0_quad_idx(0);
+const Q4_0_LAST_QUAD_IDX: [u16; 32] = q4_0_quad_idx(72 * 3 - q4_0_window(3));
+const _: () = assert!(q4_0_window(3) + 128 == G * size_of::<BlockQ4_0>());
+
+/// The 64 nibble bytes of blocks `4i..4i + 4` of a whole Q4_0 group at `w` (block `c` in
+/// 128-bit lane `c`): two 64-byte loads and one `vpermt2w`.
+///
+/// # Safety
+/// The group's 16 blocks (288 bytes) at `w` are readable (every window lies inside them,
+/// checked at compile time above).
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+#[inline]
+unsafe fn quad_q4_0(w: *const u8, i: usize) -> __m512i {
+    let idx = if i < 3 {
+        &Q4_0_QUAD_IDX
+    } else {
+        &Q4_0_LAST_QUAD_IDX
+    };
+    // SAFETY: bytes window(i) .. + 128 lie inside the group; idx is 64 readable bytes.
+    unsafe {
+        let p = w.add(q4_0_window(i));
+        _mm512_permutex2var_epi16(
+            _mm512_loadu_si512(p.cast()),
+            _mm512_loadu_si512(idx.as_ptr().cast()),
+            _mm512_loadu_si512(p.add(64).cast()),
+        )
+    }
+}
+
+/// [`quad_q4_0`] for the first `n` blocks of a last, partial group: 16-byte loads of the
+/// quad's blocks below `n`, zero for the others.
+///
+/// # Safety
+/// The first `n` blocks at `w` are readable.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+#[inline]
+unsafe fn quad_q4_0_tail(w: *const u8, i: usize, n: usize) -> __m512i {
+    const S: usize = size_of::<BlockQ4_0>();
+    let load = |c: usize| {
+        if 4 * i + c < n {
+            // SAFETY: block 4i + c < n is readable; qs is bytes 2..18.
+            unsafe { _mm_loadu_si128(w.add((4 * i + c) * S + 2).cast()) }
+        } else {
+            _mm_setzero_si128()
+        }
+    };
+    let z = _mm512_inserti32x4::<1>(_mm512_castsi128_si512(load(0)), load(1));
+    let z = _mm512_inserti32x4::<2>(z, load(2));
+    _mm512_inserti32x4::<3>(z, load(3))
 }
 
 /// Bytes of the prepared activation for `kb` blocks of a 32-quant format.
