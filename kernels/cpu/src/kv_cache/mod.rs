@@ -44,8 +44,7 @@
 //! dequantized into an L1-resident buffer, exactly), reduced a register tile at a time by a
 //! transposing add tree, the chunk maximum, an online-softmax rescale with a vectorized
 //! `exp`, and the weighted sum of the V rows into register-blocked accumulators (two keys
-//! at a time into two sets where registers allow); with small pages the first rows of the
-//! next chunk's pages are prefetched meanwhile. Partitions of a long sequence run as
+//! at a time into two sets where registers allow). Partitions of a long sequence run as
 //! separate tasks and are merged in a fixed order. Chunk and
 //! partition boundaries depend only on key positions, so results are bit-identical for any
 //! thread count and for contiguous and paged storage of the same values.
@@ -638,8 +637,6 @@ pub(crate) struct TaskArgs<'a> {
     pub out_head_stride: usize,
     pub out_kv_stride: usize,
     pub partial: bool,
-    /// Whether to prefetch the first rows of each page of the next chunk (small pages).
-    pub prefetch: bool,
     /// Scratch of at least `kernel::scratch_len(group, head_dim)` floats.
     pub scratch: *mut f32,
 }
@@ -713,19 +710,13 @@ struct Task {
     partial_base: Option<usize>,
 }
 
-/// A head's rows in one page shorter than this are read together with the other heads'
-/// rows of the page in one task (see [`heads_per_task`]).
-const GROUP_RUN_BYTES: usize = 16 << 10;
-
-/// Key/value heads per task. Each head's rows of a page are contiguous (`run_bytes` of
-/// them); with small pages (a paged cache of 16-token blocks: 2 KiB per head at f16 × 64)
-/// one task per head would read a short run in every page and leave the hardware
-/// prefetchers a new stream every few keys, which measured 2–4× slower than contiguous
-/// storage. Walking every head of the page in turn (each head's arithmetic unchanged) reads
-/// the page's K and V halves front to back instead. Heads are split again while there would
-/// be fewer than two tasks per thread.
-fn heads_per_task(run_bytes: usize, nkv: usize, units: usize, threads: usize) -> usize {
-    let mut hp = if run_bytes >= GROUP_RUN_BYTES { 1 } else { nkv };
+/// Key/value heads per task: all of them (each task then reads its keys' pages front to
+/// back, head after head within a page, see `kernel`), split in halves while there would be
+/// fewer than two tasks per thread. One task per head measured 2–4× slower than contiguous
+/// storage with 16-token blocks: each head's rows of a page are a short run, and the
+/// hardware prefetchers lost the stream at every one.
+fn heads_per_task(nkv: usize, units: usize, threads: usize) -> usize {
+    let mut hp = nkv;
     while hp > 1 && units * nkv.div_ceil(hp) < 2 * threads {
         hp = hp.div_ceil(2);
     }
@@ -791,15 +782,7 @@ pub fn decode_attention_with(
     let rec = d + 2;
     let threads = opts.parallelism.threads();
     let units: usize = lens.iter().map(|l| l.div_ceil(PARTITION)).sum();
-    let elem_bytes = match cache.config.dtype {
-        KvDType::F32 => 4,
-        KvDType::F16 => 2,
-        KvDType::Q8_0 => std::mem::size_of::<BlockQ8_0>(),
-    };
-    let run_bytes = cache
-        .page_tokens
-        .saturating_mul(cache.row_elems * elem_bytes);
-    let hp = heads_per_task(run_bytes, nkv, units, threads);
+    let hp = heads_per_task(nkv, units, threads);
     let mut tasks = Vec::new();
     let mut merges = Vec::new();
     let mut n_partials = 0usize;
@@ -884,7 +867,6 @@ pub fn decode_attention_with(
             out_head_stride,
             out_kv_stride,
             partial: t.partial_base.is_some(),
-            prefetch: run_bytes < GROUP_RUN_BYTES,
             scratch: sbuf
                 .get(kernel::scratch_len(group, d, t.heads))
                 .as_mut_ptr(),
