@@ -44,6 +44,9 @@ fn main() -> ExitCode {
 }
 
 fn run_bench(args: &BenchArgs) -> bench::Result<ExitCode> {
+    if args.backend == "cuda" {
+        return run_bench_cuda(args);
+    }
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let cfg = args.config(cores)?;
     let families = args.families()?;
@@ -55,23 +58,54 @@ fn run_bench(args: &BenchArgs) -> bench::Result<ExitCode> {
     }
     let started = std::time::Instant::now();
     let outcome = bench::run(&cfg, &families)?;
+    finish_bench(args, &outcome.rows, &outcome.failures, started)
+}
+
+/// Writes `--json`, prints the row count and the failures; the exit code says whether any
+/// case failed.
+fn finish_bench(
+    args: &BenchArgs,
+    rows: &[bench::Row],
+    failures: &[(String, bench::BenchError)],
+    started: std::time::Instant,
+) -> bench::Result<ExitCode> {
     if let Some(path) = &args.json {
-        std::fs::write(path, bench::report::to_json(&outcome.rows) + "\n")
+        std::fs::write(path, bench::report::to_json(rows) + "\n")
             .map_err(|e| bench::BenchError(format!("cannot write {}: {e}", path.display())))?;
-        eprintln!("wrote {} rows to {}", outcome.rows.len(), path.display());
+        eprintln!("wrote {} rows to {}", rows.len(), path.display());
     }
     println!(
         "\n{} rows in {:.1} s",
-        outcome.rows.len(),
+        rows.len(),
         started.elapsed().as_secs_f64()
     );
-    if outcome.failures.is_empty() {
+    if failures.is_empty() {
         Ok(ExitCode::SUCCESS)
     } else {
-        eprintln!("\n{} case(s) FAILED:", outcome.failures.len());
-        for (name, e) in &outcome.failures {
+        eprintln!("\n{} case(s) FAILED:", failures.len());
+        for (name, e) in failures {
             eprintln!("  {name}: {e}");
         }
         Ok(ExitCode::FAILURE)
     }
+}
+
+#[cfg(feature = "cuda")]
+fn run_bench_cuda(args: &BenchArgs) -> bench::Result<ExitCode> {
+    let started = std::time::Instant::now();
+    let outcome = bench::cuda::run(&bench::cuda::GpuConfig {
+        families: args.families.clone(),
+        quick: args.quick,
+        filters: args.filter.clone(),
+    })?;
+    finish_bench(args, &outcome.rows, &outcome.failures, started)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn run_bench_cuda(_: &BenchArgs) -> bench::Result<ExitCode> {
+    Err(bench::BenchError(
+        "this build has no CUDA backend: build it with `--features cuda` \
+         (cargo run --release --features cuda -- bench --backend cuda)"
+            .into(),
+    ))
 }

@@ -37,6 +37,9 @@ pub struct BenchArgs {
     /// List the selected cases and exit (no calibration, nothing timed).
     #[arg(long)]
     pub list: bool,
+    /// Where the kernels run: `cpu`, or `cuda` (GPU 0; needs a build with `--features cuda`)
+    #[arg(long, default_value = "cpu", value_parser = ["cpu", "cuda"])]
+    pub backend: String,
 }
 
 impl BenchArgs {

@@ -8,6 +8,8 @@ pub mod alloc;
 pub mod attention;
 pub mod calibrate;
 pub mod cli;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod data;
 pub mod gemm;
 pub mod model;

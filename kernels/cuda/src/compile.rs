@@ -22,6 +22,10 @@ pub enum Family {
     Quant,
     /// `cuda/ops.cu`: norms, softmax, activations, embedding gather, residual add.
     Ops,
+    /// `cuda/attention.cu`: fused flash-style attention.
+    Attention,
+    /// `cuda/kv_cache.cu`: paged KV cache append and decode attention.
+    KvCache,
     /// `cuda/util.cu`: buffer fills (test poisoning) and the copy kernel the bench calibrates with.
     Util,
 }
@@ -30,7 +34,14 @@ const COMMON: &str = include_str!("../../../cuda/common.cuh");
 
 impl Family {
     /// Every family, in file order.
-    pub const ALL: [Family; 4] = [Family::Gemm, Family::Quant, Family::Ops, Family::Util];
+    pub const ALL: [Family; 6] = [
+        Family::Gemm,
+        Family::Quant,
+        Family::Ops,
+        Family::Attention,
+        Family::KvCache,
+        Family::Util,
+    ];
 
     /// The source file's name under `cuda/`.
     pub fn file(self) -> &'static str {
@@ -38,6 +49,8 @@ impl Family {
             Family::Gemm => "gemm.cu",
             Family::Quant => "quant.cu",
             Family::Ops => "ops.cu",
+            Family::Attention => "attention.cu",
+            Family::KvCache => "kv_cache.cu",
             Family::Util => "util.cu",
         }
     }
@@ -48,6 +61,8 @@ impl Family {
             Family::Gemm => include_str!("../../../cuda/gemm.cu"),
             Family::Quant => include_str!("../../../cuda/quant.cu"),
             Family::Ops => include_str!("../../../cuda/ops.cu"),
+            Family::Attention => include_str!("../../../cuda/attention.cu"),
+            Family::KvCache => include_str!("../../../cuda/kv_cache.cu"),
             Family::Util => include_str!("../../../cuda/util.cu"),
         }
     }
@@ -153,7 +168,11 @@ fn compile_uncached(family: Family, arch: &str) -> Result<Compiled> {
         "-lineinfo".to_string(),
         "-DTESSERA_NVRTC=1".to_string(),
     ];
-    options.extend(include_dirs().into_iter().map(|d| format!("--include-path={d}")));
+    options.extend(
+        include_dirs()
+            .into_iter()
+            .map(|d| format!("--include-path={d}")),
+    );
     let compile_error = |log: String| Error::Compile {
         file: family.file(),
         arch: arch.to_string(),

@@ -49,6 +49,9 @@ pub struct Device {
     info: DeviceInfo,
     modules: Mutex<HashMap<Family, Arc<CudaModule>>>,
     functions: Mutex<HashMap<(Family, String), CudaFunction>>,
+    /// The dynamic shared-memory limit already raised for each kernel (one driver call per
+    /// kernel and size, not per launch).
+    smem_limits: Mutex<HashMap<(Family, String), usize>>,
 }
 
 impl std::fmt::Debug for Device {
@@ -73,15 +76,15 @@ impl Device {
                 "the CUDA driver library (libcuda.so) is not installed".into(),
             ));
         }
-        let count = CudaContext::device_count().map_err(|e| {
-            Error::Unavailable(format!("the CUDA driver did not initialize: {e}"))
-        })?;
+        let count = CudaContext::device_count()
+            .map_err(|e| Error::Unavailable(format!("the CUDA driver did not initialize: {e}")))?;
         if ordinal >= count.max(0) as usize {
             return Err(Error::Unavailable(format!(
                 "device {ordinal} asked for, the driver sees {count}"
             )));
         }
-        let ctx = CudaContext::new(ordinal).ctx(|| format!("creating a context on device {ordinal}"))?;
+        let ctx =
+            CudaContext::new(ordinal).ctx(|| format!("creating a context on device {ordinal}"))?;
         let attr = |a: CUdevice_attribute| {
             ctx.attribute(a)
                 .ctx(|| format!("reading device attribute {a:?}"))
@@ -101,13 +104,17 @@ impl Device {
             )? as usize,
             total_mem: ctx.total_mem().ctx(|| "reading the memory size".into())?,
         };
-        let stream = ctx.new_stream().ctx(|| "creating a stream".into())?;
+        // The context's default stream: every kernel of a device runs in order on it, and
+        // cudarc adds no per-argument event records to each launch (it does once a context has
+        // a second stream), which would cost microseconds on launches that take a few.
+        let stream = ctx.default_stream();
         Ok(Device {
             ctx,
             stream,
             info,
             modules: Mutex::default(),
             functions: Mutex::default(),
+            smem_limits: Mutex::default(),
         })
     }
 
@@ -179,12 +186,17 @@ impl Device {
             )));
         }
         let f = self.function(family, name)?;
-        if smem_bytes > 48 * 1024 {
+        let mut limits = self.smem_limits.lock().unwrap_or_else(|e| e.into_inner());
+        let raised = limits
+            .entry((family, name.to_string()))
+            .or_insert(48 * 1024);
+        if smem_bytes > *raised {
             f.set_attribute(
                 CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                 smem_bytes as i32,
             )
             .ctx(|| format!("raising the shared-memory limit of {name} to {smem_bytes} bytes"))?;
+            *raised = smem_bytes;
         }
         Ok(f)
     }

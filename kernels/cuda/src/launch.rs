@@ -30,7 +30,9 @@ pub(crate) fn grid(what: &str, n: usize, per: usize, y_or_z: bool) -> Result<u32
 
 /// Grid-stride launch shape for `n` items: 256 threads, at most 8 blocks per SM.
 pub(crate) fn grid_stride(dev: &Device, n: usize) -> LaunchConfig {
-    let blocks = n.div_ceil(256).clamp(1, dev.info().sm_count.max(1) as usize * 8);
+    let blocks = n
+        .div_ceil(256)
+        .clamp(1, dev.info().sm_count.max(1) as usize * 8);
     LaunchConfig {
         grid_dim: (blocks as u32, 1, 1),
         block_dim: (256, 1, 1),
@@ -63,13 +65,19 @@ pub fn fill_u32<T, S: DevicePtrMut<T>>(dev: &Device, buf: &mut S, pattern: u32) 
 }
 
 /// Copies `src` into `dst` (both `len` bytes, a multiple of 16) with the 16-byte copy kernel.
-pub fn copy_v4<S: DevicePtr<u8>, D: DevicePtrMut<u8>>(dev: &Device, src: &S, dst: &mut D) -> Result<()> {
+pub fn copy_v4<S: DevicePtr<u8>, D: DevicePtrMut<u8>>(
+    dev: &Device,
+    src: &S,
+    dst: &mut D,
+) -> Result<()> {
     tessera_core::shape::check_len("copy destination", src.len(), dst.len())?;
     if src.len() % 16 != 0 {
-        return Err(Error::Invalid(tessera_core::Error::InvalidArgument(format!(
-            "copy_v4 copies whole 16-byte vectors; {} bytes given",
-            src.len()
-        ))));
+        return Err(Error::Invalid(tessera_core::Error::InvalidArgument(
+            format!(
+                "copy_v4 copies whole 16-byte vectors; {} bytes given",
+                src.len()
+            ),
+        )));
     }
     let n = (src.len() / 16) as u64;
     if n == 0 {
@@ -81,7 +89,9 @@ pub fn copy_v4<S: DevicePtr<u8>, D: DevicePtrMut<u8>>(dev: &Device, src: &S, dst
     let (s, _rs) = src.device_ptr(stream);
     let (d, _rd) = dst.device_ptr_mut(stream);
     if s % 16 != 0 || d % 16 != 0 {
-        return Err(Error::Unsupported("copy_v4 needs 16-byte aligned buffers".into()));
+        return Err(Error::Unsupported(
+            "copy_v4 needs 16-byte aligned buffers".into(),
+        ));
     }
     let mut b = stream.launch_builder(&f);
     b.arg(&s).arg(&d).arg(&n);

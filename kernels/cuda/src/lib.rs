@@ -8,16 +8,21 @@
 //!
 //! Families: [`gemm`] (f16/bf16 tensor-core GEMM, `mma.sync` on sm_80+, `wgmma` on sm_90a),
 //! [`quant`] (GEMV and GEMM on GGML Q8_0/Q4_0/Q4_K blocks), [`ops`] (norms, softmax,
-//! activations, embedding gather, residual add). Every launcher validates lengths, strides and
+//! activations, embedding gather, residual add), [`attention`] (flash-style prefill and
+//! encoder attention with causal/padding masks, position bias and grouped-query heads) and
+//! [`kv_cache`] (append into contiguous or paged f16/int8 caches, decode attention over them).
+//! Every launcher validates lengths, strides and
 //! shapes on the host with `tessera-core`'s checks before anything is enqueued.
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(clippy::undocumented_unsafe_blocks)]
 #![warn(missing_docs)]
 
+pub mod attention;
 pub mod compile;
 mod device;
 mod error;
 pub mod gemm;
+pub mod kv_cache;
 pub mod launch;
 pub mod ops;
 pub mod quant;

@@ -1,0 +1,518 @@
+// attention.cu: fused flash-style forward attention (FlashAttention-2 algorithm).
+//
+//   out[b, i, h, :] = Σ_j softmax_j(scale·q[b,i,h]·k[b,j,g] + bias[b,h,i,j] + mask[b,i,j]) · v[b,j,g]
+//
+// with g = h / group (grouped-query attention), the mask 0 or −∞ (causal: key j visible to query
+// row i iff j <= q_offset + i; key padding: j < lengths[b], and/or mask[b·kv_len + j] != 0), and
+// the bias either a dense f32 [batch, heads, q, k] tensor (element strides, 0 broadcasts) or
+// T5's bucketed relative-position table [num_buckets, n_heads] evaluated in the kernel. A query
+// row whose keys are all masked writes zeros. Q, K and V are f16 or bf16 (the same type), the
+// output is f32 (as the CPU family's), every operand [batch, seq, heads, head_dim] with element
+// strides (head_dim contiguous). The semantics are tessera_core::attention's, term for term.
+//
+// Every kernel takes one argument, `AttnArgs` by value; kernels/cuda/src/attention.rs has its
+// #[repr(C)] twin, field for field, and validates everything on the host first.
+//
+// ---------------------------------------------------------------------------------------------
+// attn_fwd_{f16,bf16}_d{32,64,80,96,128}: the tensor-core kernel, D = head_dim exactly.
+//   grid  (ceil(q_len / 64), n_heads, batch)   x is reversed: blockIdx.x = 0 takes the last
+//                                              (under a causal mask the longest) query tile
+//   block 128 threads = 4 warps; warp w owns query rows 16w .. 16w+15 of the block's 64
+//   dynamic smem: attn_mma_smem(D) = 3·64·(D+8)·2 bytes (Q, K, V tiles; rows padded by 8
+//                 elements so ldmatrix is bank-conflict free) + 128 floats (relative bias)
+//                 = 52 736 bytes for D = 128: above 48 KiB, the launcher raises the limit.
+//   The block loops over key tiles of 64: S = Q·Kᵀ by mma.sync.m16n8k16 (f32 accumulate; Q and
+//   K fragments by ldmatrix from smem), scale, bias and masks per element, the online softmax
+//   (running max and sum in f32, per row), P rounded to f16/bf16 in registers and O += P·V by
+//   mma.sync (V fragments by ldmatrix.trans). The row sum adds the *rounded* P, so the output
+//   is an exact convex combination of the rounded weights. K tile t+1 is copied (cp.async)
+//   while tile t's softmax and P·V run, and V tile t while S = Q·Kᵀ runs (one buffer each).
+//   Key tiles past the last key any row of the block sees (causal limit, padding length)
+//   are skipped; per-element masking runs only on tiles that need it.
+// attn_fwd_simt_{f16,bf16}_e{8,32}: any head_dim <= 32·E (256 or 1024), plain SIMT.
+//   grid  (ceil(q_len / 4), n_heads, batch), block 128 = 4 warps, one query row per warp;
+//   static smem 4·32·E floats (the query rows). Lane l scores key j0 + l of each chunk of 32
+//   keys, then the warp adds the chunk's weighted V rows, lane l owning columns l + 32e.
+//   f32 throughout (P is not rounded).
+// attn_rel_bucket_probe: out[t] = bucket(rp0 + t) for t < n (tests compare it with the Rust
+//   relative_position_bucket). grid-stride, any geometry.
+//
+// Preconditions (checked by the launcher, never by the kernels):
+//   * every (b, s, h) row the shape reaches lies inside its buffer; the output layout is
+//     disjoint; n_heads = group · n_kv_heads; q_offset + q_len + 128 and kv_len + 128 fit int;
+//   * `vec` != 0 only if Q, K and V are 16-byte aligned and every used stride is a multiple of
+//     8 elements (16-byte cp.async); otherwise the kernels load element by element;
+//   * `o_vec` != 0 only if the output is 8-byte aligned and every used stride is even;
+//   * lengths (if not null) holds `batch` values (clamped to kv_len here); mask (if not null)
+//     batch·kv_len bytes; a dense bias covers every (b, h, i < q_len, j < kv_len); a
+//     relative table holds num_buckets·n_heads floats with max_distance > max_exact >= 1.
+//
+// The T5 bucket (rel_bucket) is Rust's tessera_core::attention::relative_position_bucket
+// operation for operation in f32 (no FMA contraction: __fmul_rn/__fadd_rn/__fdiv_rn), except
+// the logarithm: log_ratio = (float)log((double)ratio), i.e. the correctly rounded f32
+// logarithm in all but astronomically rare cases, where Rust calls the platform's logf (glibc:
+// < 1 ulp, correctly rounded for the ratios T5 meets). The bucket can differ only where
+// `large` lies within about 2⁻²² (relative) of an integer; tests/attention.rs compares every
+// bucket of the T5 configurations over ±4096 positions.
+#include "common.cuh"
+
+struct AttnArgs {
+    const void* q;              // [batch, q_len, n_heads, head_dim] f16/bf16
+    const void* k;              // [batch, kv_len, n_kv_heads, head_dim]
+    const void* v;              // [batch, kv_len, n_kv_heads, head_dim]
+    float* o;                   // [batch, q_len, n_heads, head_dim] f32
+    const uint32_t* lengths;    // [batch] or null
+    const uint8_t* mask;        // [batch, kv_len] or null
+    const float* bias;          // dense bias, relative table, or null
+    int64_t q_bs, q_ss, q_hs;   // element strides: batch, seq, head
+    int64_t k_bs, k_ss, k_hs;
+    int64_t v_bs, v_ss, v_hs;
+    int64_t o_bs, o_ss, o_hs;
+    int64_t bias_bs, bias_hs, bias_qs;  // dense bias strides (key index contiguous)
+    int32_t batch, q_len, kv_len, n_heads, group, head_dim, q_offset;
+    int32_t causal;             // 0 / 1
+    int32_t bias_kind;          // 0 none, 1 dense, 2 relative
+    int32_t num_buckets, max_distance, bidirectional;
+    int32_t vec;                // 16-byte loads of Q/K/V legal
+    int32_t o_vec;              // 8-byte output stores legal
+    float scale;
+    float rel_denom;            // (float)ln(max_distance / max_exact), computed in f64 as Rust does
+};
+
+static_assert(sizeof(AttnArgs) == 240, "AttnArgs must match kernels/cuda/src/attention.rs");
+
+#define ATTN_LOG2E 1.4426950408889634f
+
+// ---- the T5 relative-position bucket ---------------------------------------------------------
+
+TESSERA_DEVICE int attn_rel_bucket(int rp, int bidirectional, int num_buckets, float denom) {
+    int buckets = num_buckets;
+    int base = 0;
+    unsigned int r;
+    if (bidirectional) {
+        buckets /= 2;
+        if (rp > 0) base = buckets;
+        r = rp < 0 ? 0u - (unsigned int)rp : (unsigned int)rp;
+    } else {
+        r = rp < 0 ? 0u - (unsigned int)rp : 0u;
+    }
+    const unsigned int max_exact = (unsigned int)buckets / 2u;
+    if (r < max_exact) return base + (int)r;
+    const float ratio = __fdiv_rn((float)r, (float)max_exact);
+    const float log_ratio = (float)log((double)ratio);
+    const float span = __fsub_rn((float)buckets, (float)max_exact);
+    const float large = __fadd_rn((float)max_exact, __fmul_rn(__fdiv_rn(log_ratio, denom), span));
+    // Rust: `large as u64` truncates toward zero (large >= max_exact >= 1 here), then min.
+    const unsigned long long li = (unsigned long long)large;
+    const unsigned long long cap = (unsigned long long)(buckets - 1);
+    return base + (int)(li < cap ? li : cap);
+}
+
+// bucket(j − pos) clamped to int: |rp| beyond max_distance all share the last bucket, so the
+// clamp never changes a bucket.
+TESSERA_DEVICE int attn_rel_pos(long long j, long long pos) {
+    long long rp = j - pos;
+    if (rp > 2147483647LL) rp = 2147483647LL;
+    if (rp < -2147483647LL) rp = -2147483647LL;
+    return (int)rp;
+}
+
+extern "C" __global__ void attn_rel_bucket_probe(int* __restrict__ out, int rp0, int n, int bidirectional,
+                                                 int num_buckets, float denom) {
+    for (int t = blockIdx.x * blockDim.x + threadIdx.x; t < n; t += gridDim.x * blockDim.x) {
+        out[t] = attn_rel_bucket(attn_rel_pos(rp0 + (long long)t, 0), bidirectional, num_buckets, denom);
+    }
+}
+
+// ---- element types ---------------------------------------------------------------------------
+
+template <typename T> struct AttnType;
+template <> struct AttnType<__half> {
+    static TESSERA_DEVICE float to_f(uint16_t x) { return __half2float(__ushort_as_half(x)); }
+    static TESSERA_DEVICE float round(float x) { return __half2float(__float2half_rn(x)); }
+    static TESSERA_DEVICE uint32_t pack(float lo, float hi) {
+        __half2 h = __floats2half2_rn(lo, hi);
+        return *reinterpret_cast<uint32_t*>(&h);
+    }
+    static TESSERA_DEVICE void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+        asm volatile(
+            "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+            "{%0,%1,%2,%3};\n"
+            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    }
+};
+template <> struct AttnType<__nv_bfloat16> {
+    static TESSERA_DEVICE float to_f(uint16_t x) { return __uint_as_float((uint32_t)x << 16); }
+    static TESSERA_DEVICE float round(float x) { return __bfloat162float(__float2bfloat16_rn(x)); }
+    static TESSERA_DEVICE uint32_t pack(float lo, float hi) {
+        __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+        return *reinterpret_cast<uint32_t*>(&h);
+    }
+    static TESSERA_DEVICE void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+        asm volatile(
+            "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+            "{%0,%1,%2,%3};\n"
+            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    }
+};
+
+// ---- shared-memory helpers -------------------------------------------------------------------
+
+TESSERA_DEVICE uint32_t attn_smem_addr(const void* p) {
+    return (uint32_t)__cvta_generic_to_shared(p);
+}
+
+TESSERA_DEVICE void attn_ldsm_x4(uint32_t addr, uint32_t& r0, uint32_t& r1, uint32_t& r2, uint32_t& r3) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
+                 : "r"(addr));
+}
+
+TESSERA_DEVICE void attn_ldsm_x4_t(uint32_t addr, uint32_t& r0, uint32_t& r1, uint32_t& r2, uint32_t& r3) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
+                 : "r"(addr));
+}
+
+TESSERA_DEVICE void attn_cp_async16(void* sdst, const void* gsrc) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(attn_smem_addr(sdst)), "l"(gsrc)
+                 : "memory");
+}
+TESSERA_DEVICE void attn_cp_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+TESSERA_DEVICE void attn_cp_wait_all() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
+
+// Copies 8 elements (16 bytes) from global to shared memory: cp.async when `vec`, else 8
+// element loads (any 2-byte alignment) and one 16-byte shared store.
+TESSERA_DEVICE void attn_load_chunk(uint16_t* sdst, const uint16_t* gsrc, bool vec) {
+    if (vec) {
+        attn_cp_async16(sdst, gsrc);
+    } else {
+        uint32_t w[4];
+#pragma unroll
+        for (int e = 0; e < 4; ++e) w[e] = (uint32_t)gsrc[2 * e] | ((uint32_t)gsrc[2 * e + 1] << 16);
+        *reinterpret_cast<uint4*>(sdst) = make_uint4(w[0], w[1], w[2], w[3]);
+    }
+}
+
+TESSERA_DEVICE void attn_zero_chunk(uint16_t* sdst) {
+    *reinterpret_cast<uint4*>(sdst) = make_uint4(0u, 0u, 0u, 0u);
+}
+
+// Keys of sequence b that padding leaves (lengths clamped to kv_len).
+TESSERA_DEVICE int attn_len_b(const AttnArgs& a, int b) {
+    if (a.lengths == nullptr) return a.kv_len;
+    const uint32_t l = a.lengths[b];
+    return l < (uint32_t)a.kv_len ? (int)l : a.kv_len;
+}
+
+// ---- the tensor-core kernel ------------------------------------------------------------------
+
+#define ATTN_BM 64
+#define ATTN_BN 64
+
+template <typename T, int D>
+__device__ __forceinline__ void attn_fwd_mma(const AttnArgs& a) {
+    static_assert(D % 16 == 0 && D <= 128, "head_dim must be a multiple of 16, at most 128");
+    constexpr int BM = ATTN_BM, BN = ATTN_BN, LD = D + 8, CH = D / 8;
+    typedef AttnType<T> Ty;
+    extern __shared__ __align__(16) unsigned char attn_smem[];
+    uint16_t* sQ = reinterpret_cast<uint16_t*>(attn_smem);
+    uint16_t* sK = sQ + BM * LD;
+    uint16_t* sV = sK + BN * LD;
+    float* sRel = reinterpret_cast<float*>(sV + BN * LD);
+
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int m_block = gridDim.x - 1 - blockIdx.x;
+    const int h = blockIdx.y, b = blockIdx.z;
+    const int g = h / a.group;
+    const int i0 = m_block * BM;
+    const bool vec = a.vec != 0;
+
+    const int len_b = attn_len_b(a, b);
+    const int i_last = min(i0 + BM, a.q_len) - 1;
+    // Keys any row of the block sees, and keys every row sees.
+    const int k_end = a.causal ? min(len_b, a.q_offset + i_last + 1) : len_b;
+    const int k_full = a.causal ? min(len_b, a.q_offset + i0 + 1) : len_b;
+    const int n_tiles = (k_end + BN - 1) / BN;
+
+    const uint16_t* qg = static_cast<const uint16_t*>(a.q) + (int64_t)b * a.q_bs + (int64_t)h * a.q_hs;
+    const uint16_t* kg = static_cast<const uint16_t*>(a.k) + (int64_t)b * a.k_bs + (int64_t)g * a.k_hs;
+    const uint16_t* vg = static_cast<const uint16_t*>(a.v) + (int64_t)b * a.v_bs + (int64_t)g * a.v_hs;
+    const uint8_t* maskb = a.mask ? a.mask + (int64_t)b * a.kv_len : nullptr;
+
+    // Q tile (rows past q_len are zero).
+    for (int idx = tid; idx < BM * CH; idx += 128) {
+        const int r = idx / CH, c = idx % CH;
+        uint16_t* dst = sQ + r * LD + c * 8;
+        const int i = i0 + r;
+        if (i < a.q_len) attn_load_chunk(dst, qg + (int64_t)i * a.q_ss + c * 8, vec);
+        else attn_zero_chunk(dst);
+    }
+    // K or V tile `t` into `s` (rows past k_end, or masked out by the padding mask, are zero,
+    // so that P·V never multiplies a zero weight by a value it must not see).
+    auto load_kv = [&](uint16_t* s, const uint16_t* src, int64_t ss, int t) {
+        const int j0 = t * BN;
+        for (int idx = tid; idx < BN * CH; idx += 128) {
+            const int r = idx / CH, c = idx % CH;
+            uint16_t* dst = s + r * LD + c * 8;
+            const int j = j0 + r;
+            if (j < k_end && (maskb == nullptr || maskb[j] != 0)) attn_load_chunk(dst, src + (int64_t)j * ss + c * 8, vec);
+            else attn_zero_chunk(dst);
+        }
+    };
+    if (n_tiles > 0) load_kv(sK, kg, a.k_ss, 0);
+    attn_cp_commit();
+
+    float acc_o[D / 8][4];
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc_o[n][e] = 0.f;
+    float m_r[2] = {-INFINITY, -INFINITY};
+    float l_r[2] = {0.f, 0.f};
+
+    const float scale_log2 = a.scale * ATTN_LOG2E;
+    const int rbase = warp * 16 + (lane >> 2);  // this thread's rows: rbase, rbase + 8
+    const int cq = (lane & 3) * 2;              // and columns cq, cq + 1 of each 8-wide tile
+    // ldmatrix row addresses (see the fragment layouts of mma.m16n8k16).
+    const uint32_t q_addr = attn_smem_addr(sQ + (warp * 16 + ((lane >> 3) & 1) * 8 + (lane & 7)) * LD + (lane >> 4) * 8);
+    const uint32_t k_addr = attn_smem_addr(sK + ((lane >> 4) * 8 + (lane & 7)) * LD + ((lane >> 3) & 1) * 8);
+    const uint32_t v_addr = attn_smem_addr(sV + (((lane >> 3) & 1) * 8 + (lane & 7)) * LD + (lane >> 4) * 8);
+
+    for (int t = 0; t < n_tiles; ++t) {
+        const int j0 = t * BN;
+        attn_cp_wait_all();
+        __syncthreads();  // K tile t (and Q) landed; every warp is done with V tile t − 1
+        load_kv(sV, vg, a.v_ss, t);
+        attn_cp_commit();
+        if (a.bias_kind == 2) {
+            // sRel[x] = bias of relative position j0 + x − (BM − 1) − (q_offset + i0).
+            for (int x = tid; x < BM + BN - 1; x += 128) {
+                const int rp = attn_rel_pos((long long)j0 + x, (long long)a.q_offset + i0 + (BM - 1));
+                const int bucket = attn_rel_bucket(rp, a.bidirectional, a.num_buckets, a.rel_denom);
+                sRel[x] = a.bias[(int64_t)bucket * a.n_heads + h];
+            }
+        }
+
+        // S = Q·Kᵀ for this warp's 16 rows and the tile's 64 keys.
+        float acc_s[BN / 8][4];
+#pragma unroll
+        for (int n = 0; n < BN / 8; ++n)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc_s[n][e] = 0.f;
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk) {
+            uint32_t af[4];
+            attn_ldsm_x4(q_addr + kk * 32, af[0], af[1], af[2], af[3]);
+#pragma unroll
+            for (int np = 0; np < BN / 16; ++np) {
+                uint32_t b0, b1, b2, b3;
+                attn_ldsm_x4(k_addr + (np * 16 * LD + kk * 16) * 2, b0, b1, b2, b3);
+                Ty::mma(acc_s[2 * np], af, b0, b1);
+                Ty::mma(acc_s[2 * np + 1], af, b2, b3);
+            }
+        }
+        attn_cp_wait_all();
+        __syncthreads();  // V tile t landed; every warp is done with K tile t; sRel written
+        if (t + 1 < n_tiles) load_kv(sK, kg, a.k_ss, t + 1);
+        attn_cp_commit();
+
+        // Scores in log2 units: scale·log2e·(q·k) + log2e·bias, −∞ where masked.
+        const bool need_mask = (j0 + BN > k_full) || maskb != nullptr;
+#pragma unroll
+        for (int hr = 0; hr < 2; ++hr) {
+            const int r = rbase + hr * 8;
+            const int i = i0 + r;
+            const int limit = a.causal ? min(len_b, a.q_offset + i + 1) : len_b;
+            const float* brow = nullptr;
+            if (a.bias_kind == 1 && i < a.q_len) brow = a.bias + (int64_t)b * a.bias_bs + (int64_t)h * a.bias_hs + (int64_t)i * a.bias_qs;
+#pragma unroll
+            for (int n = 0; n < BN / 8; ++n) {
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    const int c = n * 8 + cq + e;
+                    const int j = j0 + c;
+                    float bias = 0.f;
+                    if (a.bias_kind == 1) {
+                        if (brow != nullptr && j < a.kv_len) bias = brow[j];
+                    } else if (a.bias_kind == 2) {
+                        bias = sRel[c - r + BM - 1];
+                    }
+                    float s = fmaf(acc_s[n][hr * 2 + e], scale_log2, bias * ATTN_LOG2E);
+                    if (need_mask && !(j < limit && (maskb == nullptr || maskb[j] != 0))) s = -INFINITY;
+                    acc_s[n][hr * 2 + e] = s;
+                }
+            }
+        }
+
+        // Online softmax: running max per row (the 4 threads of a quad share a row).
+#pragma unroll
+        for (int hr = 0; hr < 2; ++hr) {
+            float mx = m_r[hr];
+#pragma unroll
+            for (int n = 0; n < BN / 8; ++n) mx = fmaxf(mx, fmaxf(acc_s[n][hr * 2], acc_s[n][hr * 2 + 1]));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+            const float m_use = mx == -INFINITY ? 0.f : mx;
+            const float alpha = exp2f(m_r[hr] - m_use);
+            m_r[hr] = mx;
+            float sum = 0.f;
+#pragma unroll
+            for (int n = 0; n < BN / 8; ++n) {
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    const float p = Ty::round(exp2f(acc_s[n][hr * 2 + e] - m_use));
+                    acc_s[n][hr * 2 + e] = p;
+                    sum += p;
+                }
+            }
+            l_r[hr] = l_r[hr] * alpha + sum;  // per-thread partial sum, reduced at the end
+#pragma unroll
+            for (int n = 0; n < D / 8; ++n) {
+                acc_o[n][hr * 2] *= alpha;
+                acc_o[n][hr * 2 + 1] *= alpha;
+            }
+        }
+
+        // O += P·V: P from the score registers (the accumulator layout of two 8-key tiles is
+        // the A layout of one 16-key step), V fragments by ldmatrix.trans.
+#pragma unroll
+        for (int kk = 0; kk < BN / 16; ++kk) {
+            uint32_t pf[4];
+            pf[0] = Ty::pack(acc_s[2 * kk][0], acc_s[2 * kk][1]);
+            pf[1] = Ty::pack(acc_s[2 * kk][2], acc_s[2 * kk][3]);
+            pf[2] = Ty::pack(acc_s[2 * kk + 1][0], acc_s[2 * kk + 1][1]);
+            pf[3] = Ty::pack(acc_s[2 * kk + 1][2], acc_s[2 * kk + 1][3]);
+#pragma unroll
+            for (int dp = 0; dp < D / 16; ++dp) {
+                uint32_t b0, b1, b2, b3;
+                attn_ldsm_x4_t(v_addr + (kk * 16 * LD + dp * 16) * 2, b0, b1, b2, b3);
+                Ty::mma(acc_o[2 * dp], pf, b0, b1);
+                Ty::mma(acc_o[2 * dp + 1], pf, b2, b3);
+            }
+        }
+    }
+    attn_cp_wait_all();
+
+    // Normalize and store the rows inside q_len.
+#pragma unroll
+    for (int hr = 0; hr < 2; ++hr) {
+        float l = l_r[hr];
+        l += __shfl_xor_sync(0xffffffffu, l, 1);
+        l += __shfl_xor_sync(0xffffffffu, l, 2);
+        const float inv = l > 0.f ? 1.f / l : 0.f;
+        const int i = i0 + rbase + hr * 8;
+        if (i < a.q_len) {
+            float* orow = a.o + (int64_t)b * a.o_bs + (int64_t)i * a.o_ss + (int64_t)h * a.o_hs;
+#pragma unroll
+            for (int n = 0; n < D / 8; ++n) {
+                const float x0 = acc_o[n][hr * 2] * inv, x1 = acc_o[n][hr * 2 + 1] * inv;
+                float* p = orow + n * 8 + cq;
+                if (a.o_vec) {
+                    *reinterpret_cast<float2*>(p) = make_float2(x0, x1);
+                } else {
+                    p[0] = x0;
+                    p[1] = x1;
+                }
+            }
+        }
+    }
+}
+
+#define ATTN_MMA(NAME, T, D) \
+    extern "C" __global__ void __launch_bounds__(128) NAME(const AttnArgs a) { attn_fwd_mma<T, D>(a); }
+
+ATTN_MMA(attn_fwd_f16_d32, __half, 32)
+ATTN_MMA(attn_fwd_f16_d64, __half, 64)
+ATTN_MMA(attn_fwd_f16_d80, __half, 80)
+ATTN_MMA(attn_fwd_f16_d96, __half, 96)
+ATTN_MMA(attn_fwd_f16_d128, __half, 128)
+ATTN_MMA(attn_fwd_bf16_d32, __nv_bfloat16, 32)
+ATTN_MMA(attn_fwd_bf16_d64, __nv_bfloat16, 64)
+ATTN_MMA(attn_fwd_bf16_d80, __nv_bfloat16, 80)
+ATTN_MMA(attn_fwd_bf16_d96, __nv_bfloat16, 96)
+ATTN_MMA(attn_fwd_bf16_d128, __nv_bfloat16, 128)
+
+// ---- the generic SIMT kernel -----------------------------------------------------------------
+
+template <typename T, int E>
+__device__ __forceinline__ void attn_fwd_simt(const AttnArgs& a) {
+    typedef AttnType<T> Ty;
+    __shared__ float sq[4][32 * E];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int i = blockIdx.x * 4 + warp;
+    const int h = blockIdx.y, b = blockIdx.z;
+    if (i >= a.q_len) return;  // only warp-level synchronization below
+    const int g = h / a.group;
+    const int d = a.head_dim;
+    const uint16_t* qr = static_cast<const uint16_t*>(a.q) + (int64_t)b * a.q_bs + (int64_t)i * a.q_ss + (int64_t)h * a.q_hs;
+    for (int c = lane; c < 32 * E; c += 32) sq[warp][c] = c < d ? Ty::to_f(qr[c]) : 0.f;
+    __syncwarp();
+
+    const int len_b = attn_len_b(a, b);
+    const int limit = a.causal ? min(len_b, a.q_offset + i + 1) : len_b;
+    const uint16_t* kg = static_cast<const uint16_t*>(a.k) + (int64_t)b * a.k_bs + (int64_t)g * a.k_hs;
+    const uint16_t* vg = static_cast<const uint16_t*>(a.v) + (int64_t)b * a.v_bs + (int64_t)g * a.v_hs;
+    const uint8_t* maskb = a.mask ? a.mask + (int64_t)b * a.kv_len : nullptr;
+    const float* brow = a.bias_kind == 1 ? a.bias + (int64_t)b * a.bias_bs + (int64_t)h * a.bias_hs + (int64_t)i * a.bias_qs : nullptr;
+    const float scale_log2 = a.scale * ATTN_LOG2E;
+
+    float acc[E];
+#pragma unroll
+    for (int e = 0; e < E; ++e) acc[e] = 0.f;
+    float m = -INFINITY, l = 0.f;
+    for (int j0 = 0; j0 < limit; j0 += 32) {
+        const int j = j0 + lane;
+        float s = -INFINITY;
+        if (j < limit && (maskb == nullptr || maskb[j] != 0)) {
+            const uint16_t* kr = kg + (int64_t)j * a.k_ss;
+            float dot = 0.f;
+#pragma unroll 4
+            for (int c = 0; c < d; ++c) dot = fmaf(sq[warp][c], Ty::to_f(kr[c]), dot);
+            float bias = 0.f;
+            if (a.bias_kind == 1) {
+                bias = brow[j];
+            } else if (a.bias_kind == 2) {
+                const int bucket = attn_rel_bucket(attn_rel_pos(j, (long long)a.q_offset + i), a.bidirectional, a.num_buckets, a.rel_denom);
+                bias = a.bias[(int64_t)bucket * a.n_heads + h];
+            }
+            s = fmaf(dot, scale_log2, bias * ATTN_LOG2E);
+        }
+        const float mx = fmaxf(m, tessera_warp_max(s));
+        const float m_use = mx == -INFINITY ? 0.f : mx;
+        const float alpha = exp2f(m - m_use);
+        const float p = exp2f(s - m_use);
+        l = l * alpha + tessera_warp_sum(p);
+        m = mx;
+#pragma unroll
+        for (int e = 0; e < E; ++e) acc[e] *= alpha;
+        const int n = min(32, limit - j0);
+        for (int jj = 0; jj < n; ++jj) {
+            const float pj = __shfl_sync(0xffffffffu, p, jj);
+            if (pj == 0.f) continue;  // warp-uniform; a masked key's V is never read
+            const uint16_t* vr = vg + (int64_t)(j0 + jj) * a.v_ss;
+#pragma unroll
+            for (int e = 0; e < E; ++e) {
+                const int c = lane + 32 * e;
+                if (c < d) acc[e] = fmaf(pj, Ty::to_f(vr[c]), acc[e]);
+            }
+        }
+    }
+    const float inv = l > 0.f ? 1.f / l : 0.f;
+    float* orow = a.o + (int64_t)b * a.o_bs + (int64_t)i * a.o_ss + (int64_t)h * a.o_hs;
+#pragma unroll
+    for (int e = 0; e < E; ++e) {
+        const int c = lane + 32 * e;
+        if (c < d) orow[c] = acc[e] * inv;
+    }
+}
+
+#define ATTN_SIMT(NAME, T, E) \
+    extern "C" __global__ void __launch_bounds__(128) NAME(const AttnArgs a) { attn_fwd_simt<T, E>(a); }
+
+ATTN_SIMT(attn_fwd_simt_f16_e8, __half, 8)
+ATTN_SIMT(attn_fwd_simt_f16_e32, __half, 32)
+ATTN_SIMT(attn_fwd_simt_bf16_e8, __nv_bfloat16, 8)
+ATTN_SIMT(attn_fwd_simt_bf16_e32, __nv_bfloat16, 32)
