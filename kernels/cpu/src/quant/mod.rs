@@ -95,7 +95,9 @@ pub(crate) type TileFn<W> = unsafe fn(&Tile<W>);
 pub(crate) type QuantizeFn<A> = unsafe fn(x: *const f32, nb: usize, out: *mut A, sums: *mut i32);
 
 /// One token against a range of weight rows (a GEMV), given the token's activation row in a
-/// kernel-specific prepared form (see [`GemvKernels`]).
+/// kernel-specific prepared form (see [`GemvKernels`]). Only the AVX-512 table has such a
+/// kernel, so off x86-64 the fields are written but never read.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 pub(crate) struct Gemv<W: WeightBlock> {
     /// Blocks per row (the whole reduction).
     pub kb: usize,
