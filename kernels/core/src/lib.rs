@@ -6,6 +6,9 @@
 //! * [`shape`]: validation of lengths, leading dimensions and products (checked arithmetic),
 //!   so a kernel can refuse bad input with an `Err` before it touches memory;
 //! * [`attention`]: attention operand layouts, masks, biases and their validation;
+//! * [`kv_cache`]: the KV cache types every backend shares ([`kv_cache::KvCacheConfig`],
+//!   [`kv_cache::SeqId`], …) and [`kv_cache::PageBook`], the host bookkeeping of a cache's
+//!   sequences and pages;
 //! * [`dtype`]: the element types a kernel may read ([`f32`], [`half::f16`], [`half::bf16`]);
 //! * [`MatRef`] / [`MatMut`]: a slice plus an explicit row-major shape and leading dimension
 //!   (no tensor type is imposed on the caller);
@@ -20,6 +23,7 @@
 pub mod attention;
 pub mod dtype;
 mod error;
+pub mod kv_cache;
 mod mat;
 pub mod quant;
 pub mod reference;

@@ -6,8 +6,9 @@
 //! `T` tokens ([`KvLayout::Paged`]: `num_blocks` blocks of `block_size` tokens shared through a
 //! free list; [`KvLayout::Contiguous`]: one page of `max_len` tokens per sequence slot), as f32,
 //! f16 or Q8_0 ([`KvDType`]). The bookkeeping (slots with generations, block tables, free list,
-//! lengths) is the CPU cache's, on the host; the block tables and lengths are mirrored on the
-//! device, updated by a small scatter kernel with each operation that changes them.
+//! lengths) is the CPU cache's, [`tessera_core::kv_cache::PageBook`], on the host; the block
+//! tables and lengths are mirrored on the device, updated by a small scatter kernel with each
+//! operation that changes them.
 //!
 //! # Device storage
 //! Page `p` holds, for K and then for V, `[n_kv_heads][T]` rows (head-major, as on the CPU):
@@ -43,68 +44,15 @@ use tessera_core::attention::{
     AttentionParams, AttentionShape, Bias, HeadLayout, KeyPadding, MAX_HEAD_DIM, check_attention,
 };
 use tessera_core::f16;
+use tessera_core::kv_cache::{AppendPlan, PageBook};
 use tessera_core::quant::QK;
 
 /// Keys per partition of decode attention: longer sequences are split into partitions of this
 /// many keys, each computed by its own block, and combined in order by a second kernel.
 pub const PARTITION: usize = 512;
 
-/// How a cache stores keys and values (the CPU family's `KvDType`, with the same bounds).
-///
-/// Against the original f32 value `x`, the stored `x̃` satisfies element by element:
-/// * [`KvDType::F32`]: `x̃ = x`;
-/// * [`KvDType::F16`]: `|x̃ − x| <= 2⁻¹¹·|x|` in f16's normal range, `<= 2⁻²⁵` below it;
-/// * [`KvDType::Q8_0`]: with `d_b = max|x| / 127` over `x`'s block of 32,
-///   `|x̃ − x| <= d_b·(1/2 + 127·2⁻¹¹ + 2⁻¹⁴) + 127·2⁻²⁵`. A NaN is stored as 0.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum KvDType {
-    /// 4 bytes per value, exact.
-    F32,
-    /// 2 bytes per value (IEEE half, round to nearest even).
-    F16,
-    /// 34 bytes per 32 values (GGML Q8_0: an f16 scale and 32 signed bytes).
-    Q8_0,
-}
-
-/// Where each sequence's tokens live (the CPU family's `KvLayout`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum KvLayout {
-    /// One page of `max_len` tokens per sequence slot, for at most `max_seqs` live sequences.
-    Contiguous {
-        /// Live sequences at most (the number of slots).
-        max_seqs: usize,
-        /// Tokens per sequence at most.
-        max_len: usize,
-    },
-    /// A pool of `num_blocks` blocks of `block_size` tokens shared by all sequences.
-    Paged {
-        /// Tokens per block.
-        block_size: usize,
-        /// Blocks in the pool.
-        num_blocks: usize,
-    },
-}
-
-/// The shape, element type and layout of a cache (the CPU family's `KvCacheConfig`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct KvCacheConfig {
-    /// Key/value heads.
-    pub n_kv_heads: usize,
-    /// Elements per head (1 to [`MAX_HEAD_DIM`]).
-    pub head_dim: usize,
-    /// Storage element type.
-    pub dtype: KvDType,
-    /// Storage layout.
-    pub layout: KvLayout,
-}
-
-/// A sequence of a [`DeviceKvCache`]. After [`DeviceKvCache::free_sequence`] an id is stale and
-/// every use of it is an error, even once its slot is reused.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct SeqId {
-    slot: u32,
-    generation: u32,
-}
+/// The cache's types, the CPU family's (see [`tessera_core::kv_cache`]).
+pub use tessera_core::kv_cache::{KvCacheConfig, KvDType, KvLayout, SeqId};
 
 /// T5's relative-position bias for decode attention: the query sits at position `len − 1`,
 /// keys at `0..len`; `table` is `[num_buckets, n_heads]` on the device.
@@ -149,218 +97,24 @@ fn overflow(what: &str) -> Error {
     })
 }
 
-// ---------------------------------------------------------------------------------------
-// Host bookkeeping: the CPU cache's slots, generations, block tables and free list.
-
-#[derive(Debug, Default)]
-struct Seq {
-    generation: u32,
-    live: bool,
-    len: usize,
-    /// The pages holding tokens `i·T .. (i+1)·T` (contiguous: exactly one).
-    pages: Vec<u32>,
-}
-
-/// The host side of a cache: who owns which pages.
-#[derive(Debug)]
-struct Book {
-    paged: bool,
-    page_tokens: usize,
-    /// Tokens per sequence at most (contiguous: `max_len`).
-    max_len: usize,
-    seqs: Vec<Seq>,
-    free_pages: Vec<u32>,
-    free_slots: Vec<u32>,
-}
-
-/// A validated batch append, not yet applied: per sequence (slot, old length, new pages), and
-/// the pool token index `page·T + tok` of every new token row, sequence-major.
-#[derive(Debug)]
-struct AppendPlan {
-    seqs: Vec<(u32, usize, Vec<u32>)>,
-    n_tokens: usize,
-    dst: Vec<u32>,
-    taken: usize,
-}
-
-impl Book {
-    fn new(paged: bool, pages: usize, page_tokens: usize) -> Self {
-        Book {
-            paged,
-            page_tokens,
-            max_len: if paged { usize::MAX } else { page_tokens },
-            seqs: Vec::new(),
-            free_pages: (0..pages as u32).rev().collect(),
-            free_slots: Vec::new(),
+/// The pool token index `page·T + tok` of every new token row of `plan`, sequence-major.
+fn dst_rows(plan: &AppendPlan, page_tokens: usize) -> Result<Vec<u32>> {
+    let n_tokens = plan.n_tokens();
+    let rows = plan
+        .len()
+        .checked_mul(n_tokens)
+        .ok_or_else(|| overflow("appended rows"))?;
+    let mut dst = Vec::new();
+    dst.try_reserve_exact(rows)
+        .map_err(|e| invalid(format!("KV cache append: {e}")))?;
+    for b in 0..plan.len() {
+        let len = plan.seq(b).old_len;
+        for pos in len..len + n_tokens {
+            // page·T + tok < pages·T <= u32::MAX (checked by `DeviceKvCache::new`).
+            dst.push(plan.page(b, pos) * page_tokens as u32 + (pos % page_tokens) as u32);
         }
     }
-
-    /// A new empty sequence and, for the contiguous layout, the page it holds.
-    fn add_sequence(&mut self) -> Result<(SeqId, Option<u32>)> {
-        let page = if self.paged {
-            None
-        } else {
-            Some(
-                *self
-                    .free_pages
-                    .last()
-                    .ok_or_else(|| invalid("KV cache: every sequence slot is in use".into()))?,
-            )
-        };
-        let slot = match self.free_slots.last() {
-            Some(&s) => s,
-            None => {
-                if self.seqs.len() >= u32::MAX as usize {
-                    return Err(invalid("KV cache: too many sequences".into()));
-                }
-                self.seqs
-                    .try_reserve(1)
-                    .map_err(|e| invalid(format!("KV cache: {e}")))?;
-                self.seqs.push(Seq::default());
-                self.free_slots.push((self.seqs.len() - 1) as u32);
-                (self.seqs.len() - 1) as u32
-            }
-        };
-        let mut pages = Vec::new();
-        if let Some(p) = page {
-            pages
-                .try_reserve_exact(1)
-                .map_err(|e| invalid(format!("KV cache: {e}")))?;
-            pages.push(p);
-            self.free_pages.pop();
-        }
-        self.free_slots.pop();
-        let s = &mut self.seqs[slot as usize];
-        s.live = true;
-        s.len = 0;
-        s.pages = pages;
-        Ok((
-            SeqId {
-                slot,
-                generation: s.generation,
-            },
-            page,
-        ))
-    }
-
-    fn lookup(&self, seq: SeqId) -> Result<&Seq> {
-        match self.seqs.get(seq.slot as usize) {
-            Some(s) if s.live && s.generation == seq.generation => Ok(s),
-            _ => Err(invalid(format!(
-                "KV cache: {seq:?} is not a live sequence of this cache"
-            ))),
-        }
-    }
-
-    fn free_sequence(&mut self, seq: SeqId) -> Result<()> {
-        self.lookup(seq)?;
-        let s = &mut self.seqs[seq.slot as usize];
-        let pages = std::mem::take(&mut s.pages);
-        s.live = false;
-        s.len = 0;
-        // A slot whose generation would wrap is retired, so that no stale id ever matches.
-        let retire = s.generation == u32::MAX;
-        s.generation = s.generation.wrapping_add(1);
-        self.free_pages.extend(pages.iter().rev());
-        if !retire {
-            self.free_slots.push(seq.slot);
-        }
-        Ok(())
-    }
-
-    /// The lengths of a batch of distinct live sequences.
-    fn batch_lens(&self, seqs: &[SeqId], what: &str) -> Result<Vec<usize>> {
-        let mut lens = Vec::with_capacity(seqs.len());
-        for &s in seqs {
-            lens.push(self.lookup(s)?.len);
-        }
-        let mut slots: Vec<u32> = seqs.iter().map(|s| s.slot).collect();
-        slots.sort_unstable();
-        if slots.windows(2).any(|w| w[0] == w[1]) {
-            return Err(invalid(format!(
-                "{what}: a sequence appears twice in the batch"
-            )));
-        }
-        Ok(lens)
-    }
-
-    /// Plans appending `n_tokens` tokens to each of `seqs`, all or nothing: errors for a stale,
-    /// foreign or repeated id, or when the batch does not fit (contiguous: past `max_len`;
-    /// paged: more new blocks than are free), changing nothing.
-    fn plan_append(&self, seqs: &[SeqId], n_tokens: usize) -> Result<AppendPlan> {
-        let lens = self.batch_lens(seqs, "KV cache append")?;
-        let pt = self.page_tokens;
-        let mut extra_total = 0usize;
-        let mut new_lens = Vec::with_capacity(seqs.len());
-        for (&s, &len) in seqs.iter().zip(&lens) {
-            let new_len = len
-                .checked_add(n_tokens)
-                .ok_or_else(|| overflow("sequence length"))?;
-            if new_len > i32::MAX as usize {
-                return Err(overflow("sequence length past the kernels' i32 positions"));
-            }
-            if new_len > self.max_len {
-                return Err(invalid(format!(
-                    "KV cache: {len} + {n_tokens} tokens exceed max_len {}",
-                    self.max_len
-                )));
-            }
-            let have = self.seqs[s.slot as usize].pages.len();
-            extra_total += new_len.div_ceil(pt).saturating_sub(have);
-            new_lens.push(new_len);
-        }
-        if extra_total > self.free_pages.len() {
-            return Err(invalid(format!(
-                "KV cache: {n_tokens} more tokens for {} sequences need {extra_total} new blocks but {} are free",
-                seqs.len(),
-                self.free_pages.len()
-            )));
-        }
-        let rows = seqs
-            .len()
-            .checked_mul(n_tokens)
-            .ok_or_else(|| overflow("appended rows"))?;
-        let mut dst = Vec::new();
-        dst.try_reserve_exact(rows)
-            .map_err(|e| invalid(format!("KV cache append: {e}")))?;
-        let mut plan = Vec::with_capacity(seqs.len());
-        // New pages come off the free list in pop order.
-        let mut next = self.free_pages.len();
-        for ((&s, &len), &new_len) in seqs.iter().zip(&lens).zip(&new_lens) {
-            let old = &self.seqs[s.slot as usize].pages;
-            let extra = new_len.div_ceil(pt).saturating_sub(old.len());
-            let new_pages: Vec<u32> = (0..extra).map(|i| self.free_pages[next - 1 - i]).collect();
-            next -= extra;
-            for pos in len..new_len {
-                let idx = pos / pt;
-                let page = if idx < old.len() {
-                    old[idx]
-                } else {
-                    new_pages[idx - old.len()]
-                };
-                // page·T + tok < pages·T <= u32::MAX (checked by `DeviceKvCache::new`).
-                dst.push(page * pt as u32 + (pos % pt) as u32);
-            }
-            plan.push((s.slot, len, new_pages));
-        }
-        Ok(AppendPlan {
-            seqs: plan,
-            n_tokens,
-            dst,
-            taken: extra_total,
-        })
-    }
-
-    /// Applies a plan made by `plan_append` on this unchanged book.
-    fn commit(&mut self, plan: &AppendPlan) {
-        let keep = self.free_pages.len() - plan.taken;
-        self.free_pages.truncate(keep);
-        for (slot, len, new_pages) in &plan.seqs {
-            let s = &mut self.seqs[*slot as usize];
-            s.pages.extend_from_slice(new_pages);
-            s.len = len + plan.n_tokens;
-        }
-    }
+    Ok(dst)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -523,7 +277,8 @@ pub struct DeviceKvCache {
     /// Q8_0 blocks per row (0 otherwise).
     nb: usize,
     pool: Pool,
-    book: Book,
+    /// Sequences, lengths, block tables and the free list (on the host).
+    book: PageBook,
     mirror: Mirror,
     /// Upload buffer of the per-call metadata (token rows, table updates, batch slots).
     staging: CudaSlice<u32>,
@@ -577,6 +332,7 @@ impl DeviceKvCache {
     /// size overflows, or the allocation fails.
     pub fn new(dev: &Device, config: KvCacheConfig) -> Result<Self> {
         let (row_stride, nb, pages, page_tokens) = Self::sizes(&config)?;
+        let book = PageBook::new(config.layout)?;
         let nkv = config.n_kv_heads;
         let rows = pages
             .checked_mul(2 * nkv)
@@ -596,8 +352,7 @@ impl DeviceKvCache {
                 )?,
             },
         };
-        let paged = matches!(config.layout, KvLayout::Paged { .. });
-        let (slot_cap, table_cap) = if paged {
+        let (slot_cap, table_cap) = if book.is_paged() {
             (8, pages.min(16))
         } else {
             (pages.min(64), 1)
@@ -609,7 +364,7 @@ impl DeviceKvCache {
             row_stride,
             nb,
             pool,
-            book: Book::new(paged, pages, page_tokens),
+            book,
             mirror: Mirror {
                 tables: dev.alloc_zeros::<u32>(slot_cap * table_cap)?,
                 lens: dev.alloc_zeros::<u32>(slot_cap)?,
@@ -682,13 +437,14 @@ impl DeviceKvCache {
     pub fn add_sequence(&mut self) -> Result<SeqId> {
         let (id, page) = self.book.add_sequence()?;
         let m = &mut self.mirror;
-        if id.slot as usize >= m.slot_cap {
+        let slot = id.slot();
+        if slot as usize >= m.slot_cap {
             m.stale = true;
         } else if !m.stale {
-            m.lens_pending.push((id.slot, 0));
+            m.lens_pending.push((slot, 0));
             if let Some(p) = page {
                 m.tables_pending
-                    .push(((id.slot as usize * m.table_cap) as u32, p));
+                    .push(((slot as usize * m.table_cap) as u32, p));
             }
         }
         Ok(id)
@@ -697,26 +453,25 @@ impl DeviceKvCache {
     /// Ends a sequence: its slot (contiguous) or its blocks (paged) become free for reuse,
     /// and `seq` becomes stale. Errors for a stale or foreign id.
     pub fn free_sequence(&mut self, seq: SeqId) -> Result<()> {
-        self.book.free_sequence(seq)
+        Ok(self.book.free_sequence(seq)?)
     }
 
     /// Tokens cached for `seq`. Errors for a stale or foreign id.
     pub fn seq_len(&self, seq: SeqId) -> Result<usize> {
-        Ok(self.book.lookup(seq)?.len)
+        Ok(self.book.seq_len(seq)?)
     }
 
     /// Free blocks (paged layout) or free sequence slots (contiguous layout).
     pub fn free_blocks(&self) -> usize {
-        self.book.free_pages.len()
+        self.book.free_pages()
     }
 
     /// Rebuilds the device tables and lengths from the book (growing them as needed).
     fn rebuild_mirror(&mut self, dev: &Device) -> Result<()> {
         let book = &self.book;
-        let slots = book.seqs.len().max(1);
-        let longest = book
-            .seqs
-            .iter()
+        let slots = book.slots().max(1);
+        let longest = (0..book.slots())
+            .filter_map(|slot| book.slot(slot))
             .map(|s| s.pages.len())
             .max()
             .unwrap_or(0)
@@ -739,9 +494,9 @@ impl DeviceKvCache {
             .ok_or_else(|| overflow("KV cache block tables"))?;
         let mut tables = vec![0u32; entries];
         let mut lens = vec![0u32; slot_cap];
-        for (slot, s) in book.seqs.iter().enumerate() {
-            if s.live {
-                tables[slot * table_cap..][..s.pages.len()].copy_from_slice(&s.pages);
+        for slot in 0..book.slots() {
+            if let Some(s) = book.slot(slot) {
+                tables[slot * table_cap..][..s.pages.len()].copy_from_slice(s.pages);
                 lens[slot] = s.len as u32;
             }
         }
@@ -876,11 +631,11 @@ impl DeviceKvCache {
             }
         }
         let plan = self.book.plan_append(seqs, n_tokens)?;
-        if plan.dst.is_empty() {
+        let dst = dst_rows(&plan, self.page_tokens)?;
+        if dst.is_empty() {
             return Ok(());
         }
-        let warps = plan
-            .dst
+        let warps = dst
             .len()
             .checked_mul(2 * nkv)
             .ok_or_else(|| overflow("appended rows"))?;
@@ -910,27 +665,27 @@ impl DeviceKvCache {
         let f = dev.function(Family::KvCache, kernel)?;
         // Mirror updates of this append, if the mirror has room; otherwise rebuild after.
         let rebuild = self.mirror.stale
-            || plan.seqs.iter().any(|(slot, _, new_pages)| {
-                let have = self.book.seqs[*slot as usize].pages.len();
-                have + new_pages.len() > self.mirror.table_cap
-                    || *slot as usize >= self.mirror.slot_cap
+            || (0..plan.len()).any(|b| {
+                let s = plan.seq(b);
+                s.old_pages + s.new_pages.len() > self.mirror.table_cap
+                    || s.slot as usize >= self.mirror.slot_cap
             });
         if !rebuild {
             let table_cap = self.mirror.table_cap;
-            for (slot, len, new_pages) in &plan.seqs {
-                let have = self.book.seqs[*slot as usize].pages.len();
-                for (i, &p) in new_pages.iter().enumerate() {
+            for b in 0..plan.len() {
+                let s = plan.seq(b);
+                for (i, &p) in s.new_pages.iter().enumerate() {
                     self.mirror
                         .tables_pending
-                        .push(((*slot as usize * table_cap + have + i) as u32, p));
+                        .push(((s.slot as usize * table_cap + s.old_pages + i) as u32, p));
                 }
                 self.mirror
                     .lens_pending
-                    .push((*slot, (len + n_tokens) as u32));
+                    .push((s.slot, (s.old_len + n_tokens) as u32));
             }
         }
         let launched = (|| -> Result<()> {
-            self.stage(dev, &plan.dst, !rebuild)?;
+            self.stage(dev, &dst, !rebuild)?;
             let stream = dev.stream();
             let (kp, _rk) = k.device_ptr(stream);
             let (vp, _rv) = v.device_ptr(stream);
@@ -977,7 +732,7 @@ impl DeviceKvCache {
             self.mirror.stale = true;
             return Err(e);
         }
-        self.book.commit(&plan);
+        self.book.commit(plan);
         if rebuild {
             self.rebuild_mirror(dev)?;
         }
@@ -1123,7 +878,7 @@ impl DeviceKvCache {
         let fc = dev.function(Family::KvCache, "kv_combine")?;
 
         // Everything is validated: upload the batch's slots (and pending mirror updates).
-        let slots: Vec<u32> = seqs.iter().map(|s| s.slot).collect();
+        let slots: Vec<u32> = seqs.iter().map(|s| s.slot()).collect();
         self.stage(dev, &slots, true)?;
         if partial_len > 0 {
             ensure(dev, &mut self.partials, partial_len)?;
@@ -1278,81 +1033,68 @@ impl DeviceKvCache {
 mod tests {
     use super::*;
 
-    fn ids(book: &mut Book, n: usize) -> Vec<SeqId> {
+    fn ids(book: &mut PageBook, n: usize) -> Vec<SeqId> {
         (0..n).map(|_| book.add_sequence().unwrap().0).collect()
     }
 
     #[test]
-    fn paged_capacity_is_all_or_nothing() {
+    fn paged_rows_go_through_the_block_tables() {
         // 4 blocks of 4 tokens.
-        let mut book = Book::new(true, 4, 4);
+        let mut book = PageBook::new(KvLayout::Paged {
+            block_size: 4,
+            num_blocks: 4,
+        })
+        .unwrap();
         let s = ids(&mut book, 2);
         let plan = book.plan_append(&s, 5).unwrap(); // 2 blocks each: exactly the pool
-        assert_eq!(plan.taken, 4);
-        assert_eq!(plan.dst.len(), 10);
-        // Pages come off the free list in pop order: 0, 1 for the first sequence, then 2, 3.
-        assert_eq!(&plan.dst[..5], &[0, 1, 2, 3, 4]);
-        assert_eq!(&plan.dst[5..], &[8, 9, 10, 11, 12]);
-        book.commit(&plan);
-        assert_eq!(book.free_pages.len(), 0);
-        assert_eq!(book.lookup(s[0]).unwrap().len, 5);
-        // Three more tokens still fit in the first sequence's second block; four do not.
-        assert!(book.plan_append(&s[..1], 3).is_ok());
-        assert!(book.plan_append(&s[..1], 4).is_err());
-        // A batch that does not fit as a whole is refused as a whole.
-        assert!(book.plan_append(&s, 4).is_err());
-        assert_eq!(book.lookup(s[1]).unwrap().len, 5);
-        // Freeing returns the blocks; the stale id is refused, the other sequence unchanged.
+        assert_eq!(plan.taken(), 4);
+        let dst = dst_rows(&plan, 4).unwrap();
+        assert_eq!(dst.len(), 10);
+        // Pages come off the free list in order: 0, 1 for the first sequence, then 2, 3.
+        assert_eq!(&dst[..5], &[0, 1, 2, 3, 4]);
+        assert_eq!(&dst[5..], &[8, 9, 10, 11, 12]);
+        book.commit(plan);
+        assert_eq!(book.free_pages(), 0);
+        // Freed blocks are reused: the second sequence's tokens 5..8 finish its block 3, and
+        // 8..12 go to block 0, the first freed.
         book.free_sequence(s[0]).unwrap();
-        assert_eq!(book.free_pages.len(), 2);
-        assert!(book.lookup(s[0]).is_err());
-        assert!(book.plan_append(&[s[0]], 1).is_err());
-        assert!(book.free_sequence(s[0]).is_err());
-        let plan = book.plan_append(&s[1..], 7).unwrap(); // 12 tokens: one more block
-        assert_eq!(plan.taken, 1);
-        book.commit(&plan);
-        assert_eq!(book.lookup(s[1]).unwrap().pages, vec![2, 3, 0]);
-        // The reused slot gets a new generation.
-        let (t, _) = book.add_sequence().unwrap();
-        assert_eq!(t.slot, s[0].slot);
-        assert_ne!(t, s[0]);
-        assert!(book.lookup(s[0]).is_err());
+        let plan = book.plan_append(&s[1..], 7).unwrap();
+        assert_eq!(
+            (plan.taken(), plan.seq(0).old_pages, plan.seq(0).new_pages),
+            (1, 2, &[0][..])
+        );
+        assert_eq!(dst_rows(&plan, 4).unwrap(), vec![13, 14, 15, 0, 1, 2, 3]);
+        book.commit(plan);
+        assert_eq!(book.lookup(s[1]).unwrap().pages, &[2, 3, 0]);
+        // Nothing to place.
+        assert!(
+            dst_rows(&book.plan_append(&[], 1).unwrap(), 4)
+                .unwrap()
+                .is_empty()
+        );
+        assert!(
+            dst_rows(&book.plan_append(&s[1..], 0).unwrap(), 4)
+                .unwrap()
+                .is_empty()
+        );
     }
 
     #[test]
-    fn repeated_and_foreign_ids_are_refused() {
-        let mut book = Book::new(true, 8, 4);
-        let s = ids(&mut book, 2);
-        assert!(book.plan_append(&[s[0], s[0]], 1).is_err());
-        assert!(book.batch_lens(&[s[1], s[0], s[1]], "x").is_err());
-        let foreign = SeqId {
-            slot: 7,
-            generation: 0,
-        };
-        assert!(book.plan_append(&[foreign], 1).is_err());
-        assert!(book.plan_append(&[], 1).unwrap().dst.is_empty());
-        assert!(book.plan_append(&s, 0).unwrap().dst.is_empty());
-        let big = book.plan_append(&s[..1], usize::MAX);
-        assert!(big.is_err());
-    }
-
-    #[test]
-    fn contiguous_slots() {
-        let mut book = Book::new(false, 2, 6);
+    fn contiguous_rows_go_to_the_slots_page() {
+        let mut book = PageBook::new(KvLayout::Contiguous {
+            max_seqs: 2,
+            max_len: 6,
+        })
+        .unwrap();
         let (a, pa) = book.add_sequence().unwrap();
         let (b, pb) = book.add_sequence().unwrap();
         assert_eq!((pa, pb), (Some(0), Some(1)));
-        assert!(book.add_sequence().is_err());
-        assert!(book.plan_append(&[a], 7).is_err());
-        let plan = book.plan_append(&[a, b], 6).unwrap();
-        assert_eq!(plan.taken, 0);
-        assert_eq!(&plan.dst[6..], &[6, 7, 8, 9, 10, 11]);
-        book.commit(&plan);
-        assert!(book.plan_append(&[b], 1).is_err());
-        book.free_sequence(a).unwrap();
-        let (c, pc) = book.add_sequence().unwrap();
-        assert_eq!(pc, Some(0));
-        assert_eq!(book.lookup(c).unwrap().len, 0);
+        let plan = book.plan_append(&[b, a], 4).unwrap();
+        assert_eq!(plan.taken(), 0);
+        assert_eq!(dst_rows(&plan, 6).unwrap(), vec![6, 7, 8, 9, 0, 1, 2, 3]);
+        book.commit(plan);
+        let plan = book.plan_append(&[a], 2).unwrap();
+        assert_eq!(dst_rows(&plan, 6).unwrap(), vec![4, 5]);
     }
 
     #[test]

@@ -68,84 +68,13 @@ use tessera_core::attention::{
     AttentionParams, AttentionShape, Bias, HeadLayout, Heads, HeadsMut, KeyPadding, MAX_HEAD_DIM,
     RelativeBias, check_attention,
 };
+use tessera_core::kv_cache::PageBook;
 use tessera_core::quant::{BlockQ8_0, QK};
 use tessera_core::{Error, Result};
 
 pub use kernel::{CHUNK, PARTITION};
-
-/// How a cache stores keys and values.
-///
-/// Storing rounds each value `x`; decode attention then computes with the stored values
-/// exactly as [`tessera_core::reference::attention`] would on them. Against the original f32
-/// values, the stored `x̃` satisfies, element by element:
-///
-/// * [`KvDType::F32`]: `x̃ = x`;
-/// * [`KvDType::F16`]: `|x̃ − x| <= 2⁻¹¹·|x|` for `|x|` in f16's normal range
-///   (`6.1e-5 <= |x| <= 65504`), `|x̃ − x| <= 2⁻²⁵` below it (subnormal spacing / 2); larger
-///   values become infinite;
-/// * [`KvDType::Q8_0`]: with `d_b = max|x| / 127` over the 32 values of `x`'s block (a
-///   row is split in blocks of 32, the last one zero-padded),
-///   `|x̃ − x| <= d_b·(1/2 + 127·2⁻¹¹ + 2⁻¹⁴) + 127·2⁻²⁵`: the quant is within ½ (plus
-///   f32 rounding of `x·(1/d_b)`, below 2⁻¹⁴·d_b) of `x / d_b`, and the stored scale is `d_b`
-///   rounded to f16 (relative error 2⁻¹¹, or absolute 2⁻²⁵ below f16's normal range), which
-///   moves `q·d` by at most `127·2⁻¹¹·d_b` (so the plain `d_b / 2` of the rounding alone is
-///   not a bound). As in GGML, a NaN is stored as 0, and a block with an infinite value or
-///   with `max|x| > 65504·127` gets an infinite scale (its values become NaN or ±∞).
-///
-/// An attention output then moves by at most `max_j |ṽ_j − v_j|` through V, and through K by
-/// the score changes `|scale·q·(k̃_j − k_j)|`, each of which changes the softmax weights by a
-/// relative factor of at most `exp(2·max_j |Δs_j|) − 1` (the tests bound the output change by
-/// `max|Δv| + (e^(2Δs) − 1)·max|v|`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum KvDType {
-    /// 4 bytes per value, exact.
-    F32,
-    /// 2 bytes per value (IEEE half, round to nearest even).
-    F16,
-    /// 34 bytes per 32 values (GGML Q8_0: an f16 scale and 32 signed bytes).
-    Q8_0,
-}
-
-/// Where each sequence's tokens live.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum KvLayout {
-    /// One fixed region of `max_len` tokens per sequence, for at most `max_seqs` live
-    /// sequences at a time.
-    Contiguous {
-        /// Live sequences at most (the number of slots).
-        max_seqs: usize,
-        /// Tokens per sequence at most.
-        max_len: usize,
-    },
-    /// A pool of `num_blocks` blocks of `block_size` tokens shared by all sequences.
-    Paged {
-        /// Tokens per block.
-        block_size: usize,
-        /// Blocks in the pool.
-        num_blocks: usize,
-    },
-}
-
-/// The shape, element type and layout of a cache.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct KvCacheConfig {
-    /// Key/value heads (1 to `u32::MAX`).
-    pub n_kv_heads: usize,
-    /// Elements per head (1 to [`MAX_HEAD_DIM`]).
-    pub head_dim: usize,
-    /// Storage element type.
-    pub dtype: KvDType,
-    /// Storage layout.
-    pub layout: KvLayout,
-}
-
-/// A sequence of a [`KvCache`]. Ids are opaque; after [`KvCache::free_sequence`] an id is
-/// stale and every use of it is an error, even once its slot is reused.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct SeqId {
-    slot: u32,
-    generation: u32,
-}
+/// The cache's types, shared with every backend (see [`tessera_core::kv_cache`]).
+pub use tessera_core::kv_cache::{KvCacheConfig, KvDType, KvLayout, SeqId};
 
 /// The stored values: one typed vector of pages.
 #[derive(Debug)]
@@ -153,16 +82,6 @@ enum Store {
     F32(Vec<f32>),
     F16(Vec<f16>),
     Q8(Vec<BlockQ8_0>),
-}
-
-/// One sequence slot.
-#[derive(Debug, Default)]
-struct Seq {
-    generation: u32,
-    live: bool,
-    len: usize,
-    /// The pages holding tokens `i·T .. (i+1)·T` (contiguous: exactly one).
-    pages: Vec<u32>,
 }
 
 /// One layer's key/value cache for a batch of sequences of different lengths (see the
@@ -179,9 +98,8 @@ pub struct KvCache {
     /// Elements of a page's K half (`n_kv_heads · head_elems`); V follows it.
     half_elems: usize,
     store: Store,
-    free_pages: Vec<u32>,
-    seqs: Vec<Seq>,
-    free_slots: Vec<u32>,
+    /// Sequences, lengths, block tables and the free list.
+    book: PageBook,
 }
 
 /// Allocates `n` copies of `x`, reporting allocation failure as an error.
@@ -229,23 +147,10 @@ impl KvCache {
                 "head_dim {head_dim} is outside 1..={MAX_HEAD_DIM}"
             )));
         }
-        let (pages, page_tokens) = match layout {
-            KvLayout::Contiguous { max_seqs, max_len } => (max_seqs, max_len),
-            KvLayout::Paged {
-                block_size,
-                num_blocks,
-            } => (num_blocks, block_size),
-        };
-        if pages == 0 || page_tokens == 0 {
-            return Err(Error::InvalidArgument(format!(
-                "KV cache layout {layout:?} has a zero size"
-            )));
-        }
-        if pages > u32::MAX as usize {
-            return Err(Error::InvalidArgument(format!(
-                "KV cache layout {layout:?}: more than u32::MAX slots or blocks"
-            )));
-        }
+        // Validates the layout: no zero size, at most u32::MAX slots or blocks.
+        let book = PageBook::new(layout)?;
+        let page_tokens = book.page_tokens();
+        let pages = book.free_pages();
         let row_elems = match dtype {
             KvDType::F32 | KvDType::F16 => head_dim,
             KvDType::Q8_0 => head_dim.div_ceil(QK),
@@ -276,9 +181,7 @@ impl KvCache {
             head_elems,
             half_elems,
             store,
-            free_pages: (0..pages as u32).rev().collect(),
-            seqs: Vec::new(),
-            free_slots: Vec::new(),
+            book,
         })
     }
 
@@ -287,92 +190,28 @@ impl KvCache {
         &self.config
     }
 
-    fn is_paged(&self) -> bool {
-        matches!(self.config.layout, KvLayout::Paged { .. })
-    }
-
     /// Starts a new, empty sequence.
     ///
     /// Errors when no slot is free (contiguous layout: `max_seqs` live sequences) or, for the
     /// paged layout, when `u32::MAX` sequences are live.
     pub fn add_sequence(&mut self) -> Result<SeqId> {
-        let page = if self.is_paged() {
-            None
-        } else {
-            Some(*self.free_pages.last().ok_or_else(|| {
-                Error::InvalidArgument("KV cache: every sequence slot is in use".into())
-            })?)
-        };
-        let slot = match self.free_slots.last() {
-            Some(&s) => s,
-            None => {
-                if self.seqs.len() >= u32::MAX as usize {
-                    return Err(Error::InvalidArgument(
-                        "KV cache: too many sequences".into(),
-                    ));
-                }
-                self.seqs
-                    .try_reserve(1)
-                    .map_err(|e| Error::InvalidArgument(format!("KV cache: {e}")))?;
-                self.seqs.push(Seq::default());
-                self.free_slots.push((self.seqs.len() - 1) as u32);
-                (self.seqs.len() - 1) as u32
-            }
-        };
-        let mut pages = Vec::new();
-        if let Some(p) = page {
-            pages
-                .try_reserve_exact(1)
-                .map_err(|e| Error::InvalidArgument(format!("KV cache: {e}")))?;
-            pages.push(p);
-            self.free_pages.pop();
-        }
-        self.free_slots.pop();
-        let s = &mut self.seqs[slot as usize];
-        s.live = true;
-        s.len = 0;
-        s.pages = pages;
-        Ok(SeqId {
-            slot,
-            generation: s.generation,
-        })
-    }
-
-    fn lookup(&self, seq: SeqId) -> Result<&Seq> {
-        match self.seqs.get(seq.slot as usize) {
-            Some(s) if s.live && s.generation == seq.generation => Ok(s),
-            _ => Err(Error::InvalidArgument(format!(
-                "KV cache: {seq:?} is not a live sequence of this cache"
-            ))),
-        }
+        Ok(self.book.add_sequence()?.0)
     }
 
     /// Ends a sequence: its slot (contiguous) or its blocks (paged) become free for reuse,
     /// and `seq` becomes stale. Errors for a stale or foreign id.
     pub fn free_sequence(&mut self, seq: SeqId) -> Result<()> {
-        self.lookup(seq)?;
-        let s = &mut self.seqs[seq.slot as usize];
-        let pages = std::mem::take(&mut s.pages);
-        s.live = false;
-        s.len = 0;
-        // A slot whose generation would wrap is retired, so that no stale id ever matches.
-        let retire = s.generation == u32::MAX;
-        s.generation = s.generation.wrapping_add(1);
-        self.free_pages.extend(pages.iter().rev());
-        if !retire {
-            self.free_slots.push(seq.slot);
-        }
-        Ok(())
+        self.book.free_sequence(seq)
     }
 
     /// Tokens cached for `seq`. Errors for a stale or foreign id.
     pub fn seq_len(&self, seq: SeqId) -> Result<usize> {
-        Ok(self.lookup(seq)?.len)
+        self.book.seq_len(seq)
     }
 
     /// Free blocks (paged layout) or free sequence slots (contiguous layout).
     pub fn free_blocks(&self) -> usize {
-        self.free_pages.len()
+        self.book.free_pages()
     }
 
     /// Storage offset (in store elements) of the K row of token `tok` of page `page`, head
@@ -395,7 +234,8 @@ impl KvCache {
         v: Heads<'_, f32>,
         n_tokens: usize,
     ) -> Result<()> {
-        let s = self.lookup(seq)?;
+        // A stale id is reported before a bad operand.
+        self.book.seq_len(seq)?;
         let (nkv, d) = (self.config.n_kv_heads, self.config.head_dim);
         for (name, x) in [("K", &k), ("V", &v)] {
             let needed = x.layout.extent(1, n_tokens, nkv, d)?;
@@ -407,50 +247,18 @@ impl KvCache {
                 )));
             }
         }
-        let len = s.len;
-        let new_len = len
-            .checked_add(n_tokens)
-            .ok_or_else(|| overflow("sequence length"))?;
-        let pt = self.page_tokens;
-        let needed_pages = new_len.div_ceil(pt);
-        let extra = needed_pages.saturating_sub(s.pages.len());
-        match self.config.layout {
-            KvLayout::Contiguous { max_len, .. } => {
-                if new_len > max_len {
-                    return Err(Error::InvalidArgument(format!(
-                        "KV cache: {len} + {n_tokens} tokens exceed max_len {max_len}"
-                    )));
-                }
-            }
-            KvLayout::Paged { .. } => {
-                if extra > self.free_pages.len() {
-                    return Err(Error::InvalidArgument(format!(
-                        "KV cache: {n_tokens} more tokens need {extra} new blocks but {} are free",
-                        self.free_pages.len()
-                    )));
-                }
-            }
-        }
+        // Checks the capacity (contiguous: past `max_len`; paged: free blocks) and changes
+        // nothing; the book takes the pages only at `commit`, after the rows are written.
+        let plan = self.book.plan_append(&[seq], n_tokens)?;
         if n_tokens == 0 {
             return Ok(());
         }
-        // Everything that can fail is done: take the pages, then write.
-        let slot = seq.slot as usize;
-        self.seqs[slot]
-            .pages
-            .try_reserve(extra)
-            .map_err(|e| Error::InvalidArgument(format!("KV cache: {e}")))?;
-        for _ in 0..extra {
-            let p = self.free_pages.pop().expect("capacity checked above");
-            self.seqs[slot].pages.push(p);
-        }
-        self.seqs[slot].len = new_len;
-
-        let pages = std::mem::take(&mut self.seqs[slot].pages);
+        let len = plan.seq(0).old_len;
+        let pt = self.page_tokens;
         let mut pad = [0.0f32; MAX_HEAD_DIM];
         for t in 0..n_tokens {
             let pos = len + t;
-            let page = pages[pos / pt];
+            let page = plan.page(0, pos);
             let tok = pos % pt;
             for h in 0..nkv {
                 let off = self.row_offset(page, h, tok);
@@ -460,7 +268,7 @@ impl KvCache {
                 self.write_row(off + self.half_elems, vs, &mut pad);
             }
         }
-        self.seqs[slot].pages = pages;
+        self.book.commit(plan);
         Ok(())
     }
 
@@ -497,7 +305,7 @@ impl KvCache {
     /// `[len, n_kv_heads, head_dim]` f32 (`len` = [`KvCache::seq_len`]); both slices must hold
     /// exactly `len · n_kv_heads · head_dim` values.
     pub fn read(&self, seq: SeqId, k_out: &mut [f32], v_out: &mut [f32]) -> Result<()> {
-        let s = self.lookup(seq)?;
+        let s = self.book.lookup(seq)?;
         let (nkv, d) = (self.config.n_kv_heads, self.config.head_dim);
         let n = s
             .len
@@ -766,17 +574,12 @@ pub fn decode_attention_with(
         (out.data.len(), &out.layout),
         &attn_params,
     )?;
-    let mut lens = Vec::with_capacity(batch);
-    for &s in seqs {
-        lens.push(cache.lookup(s)?.len);
-    }
-    let mut slots: Vec<u32> = seqs.iter().map(|s| s.slot).collect();
-    slots.sort_unstable();
-    if slots.windows(2).any(|w| w[0] == w[1]) {
-        return Err(Error::InvalidArgument(
-            "decode_attention: a sequence appears twice in the batch".into(),
-        ));
-    }
+    let lens = cache.book.batch_lens(seqs, "decode_attention")?;
+    // The block table of each batch entry (the ids are live: `batch_lens` checked them).
+    let tables = seqs
+        .iter()
+        .map(|&s| Ok(cache.book.lookup(s)?.pages))
+        .collect::<Result<Vec<&[u32]>>>()?;
 
     let group = n_heads / nkv;
     let rec = d + 2;
@@ -821,7 +624,7 @@ pub fn decode_attention_with(
     let optr = SendPtr(out.data.as_mut_ptr());
     let store = cache.store_ptr() as usize;
     let run_task = |t: &Task| {
-        let seq = &cache.seqs[seqs[t.b].slot as usize];
+        let (pages, len) = (tables[t.b], lens[t.b]);
         let h0 = t.g0 * group;
         let k0 = t.part * PARTITION;
         let (out_ptr, out_head_stride, out_kv_stride) = match t.partial_base {
@@ -844,7 +647,7 @@ pub fn decode_attention_with(
         let args = TaskArgs {
             dtype: cache.config.dtype,
             store: store as *const u8,
-            pages: seq.pages.as_ptr(),
+            pages: pages.as_ptr(),
             page_tokens: cache.page_tokens,
             page_elems: 2 * cache.half_elems,
             head_off: t.g0 * cache.head_elems,
@@ -860,9 +663,9 @@ pub fn decode_attention_with(
             bias: params.bias,
             n_heads,
             h0,
-            len: seq.len,
+            len,
             k0,
-            k1: (k0 + PARTITION).min(seq.len),
+            k1: (k0 + PARTITION).min(len),
             out: out_ptr,
             out_head_stride,
             out_kv_stride,
