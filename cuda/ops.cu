@@ -1,6 +1,7 @@
 // ops.cu: the elementwise and row-wise operations of the BERT / GPT-2 / T5 forward passes:
 // layer norm, RMS norm, softmax, L2 normalization (row kernels); activations, gated
-// activations, residual add, bias add, scale (elementwise kernels); embedding gather.
+// activations, residual add, bias add, scale, narrowing to f16 / bf16 and the f16 hi/lo split
+// (elementwise kernels); embedding gather; mean over the rows of each sequence (mean pooling).
 // Launched by kernels/cuda/src/ops.rs, which validates every shape, length and leading
 // dimension on the host first and must match the launch geometry stated here.
 //
@@ -63,10 +64,31 @@
 //   ops_embedding_{f32,f16,bf16} (table, ldt, vocab, ids, n, cols, out, ldo, vec): out row i
 //     = table row ids[i] widened to f32 (exact); "rows" are the n ids. The launcher checked
 //     every id < vocab; an id out of range is skipped (its row not written), never read.
+//   ops_narrow_{f16,bf16} (x, ldx, out, ldo, rows, cols, vec): out (2-byte elements) = x
+//     rounded to nearest even (__float2half_rn / __float2bfloat16_rn: f16 overflow gives
+//     +-inf, subnormals kept); a NaN becomes half::f16/bf16::from_f32's NaN (sign and leading
+//     payload bits kept, quiet bit set) rather than cvt's canonical 0x7fff, so the result is
+//     bit-identical to the half crate's. With vec (x 16-byte, out 8-byte aligned, both ld
+//     multiples of 4) a chunk is one float4 load and one 8-byte store of 4 packed values.
+//   ops_split_f16 (x, ldx, hi, lo, ldo, rows, cols, vec): x as two f16 terms for a
+//     higher-precision product on f16 tensor cores: hi = x narrowed as ops_narrow_f16 does,
+//     lo = (x - hi)*2048 narrowed the same way (x - hi and the scaling are exact in f32), so
+//     x = hi + lo/2048 to about 2^-22 relative (|x| < 65520; beyond, hi is +-inf and lo NaN or
+//     inf). hi and lo are distinct buffers with the same leading dimension ldo; vec as for
+//     narrow (x 16-byte, hi and lo 8-byte aligned, ldx and ldo multiples of 4).
 //   Activations: relu = x < 0 ? 0 : x; gelu_erf = (0.5x)*erfcf(-x*(1/sqrt2)) (the exact GELU
 //   in a form without cancellation for negative x); gelu_tanh = x * __frcp_rn(1 + expf(-2y)),
 //   y = sqrt(2/pi)*(x + 0.044715x^3) (= 0.5x(1 + tanh y); expf overflowing to inf gives x*0);
 //   tanh = tanhf.
+//
+// Mean pooling: ops_mean_rows (x, ldx, seq, lengths, batch, cols, out, ldo): x is
+//   [batch*seq, cols], out [batch, cols] (distinct from x), lengths `batch` u32 in 1..=seq
+//   (checked by the launcher; a sequence with another length is skipped, never read);
+//   out[b, c] = (sum over r < lengths[b] of x[b*seq + r, c], in row order in f32) / (float)
+//   lengths[b] (one IEEE division). One thread per (b, c), scalar accesses (a warp reads 32
+//   consecutive columns of a row): block 256 threads, grid (ceil(cols/256),
+//   min(batch, 65535)); thread t of block (X, Y) takes column X*256 + t (returns if past
+//   cols) of sequences Y, Y + gridDim.y, ...
 #include "common.cuh"
 
 #define OPS_L2_NORM_MIN 1e-12f
@@ -659,3 +681,125 @@ TESSERA_DEVICE void ops_embedding(const T* __restrict__ table, int ldt, int voca
 OPS_EMBEDDING_KERNEL(f32, float)
 OPS_EMBEDDING_KERNEL(f16, __half)
 OPS_EMBEDDING_KERNEL(bf16, __nv_bfloat16)
+
+// ---------------------------------------------------------------------------------------
+// Narrowing f32 to f16 / bf16 (the elementwise 2-D mapping; out holds 2-byte elements).
+
+// The bits of v rounded to nearest even in T (cvt.rn: overflow to +-inf for f16, subnormals
+// kept). A NaN becomes what half::f16::from_f32 / half::bf16::from_f32 give (sign and leading
+// payload bits kept, the quiet bit set), not cvt's canonical 0x7fff.
+TESSERA_DEVICE uint32_t ops_narrow_bits(float v, const __half*) {
+    const uint32_t x = __float_as_uint(v);
+    if ((x & 0x7fffffffu) > 0x7f800000u) {
+        return ((x >> 16) & 0x8000u) | 0x7e00u | ((x >> 13) & 0x3ffu);
+    }
+    return __half_as_ushort(__float2half_rn(v));
+}
+TESSERA_DEVICE uint32_t ops_narrow_bits(float v, const __nv_bfloat16*) {
+    const uint32_t x = __float_as_uint(v);
+    if ((x & 0x7fffffffu) > 0x7f800000u) return (x >> 16) | 0x40u;
+    return __bfloat16_as_ushort(__float2bfloat16_rn(v));
+}
+
+template <typename T>
+TESSERA_DEVICE void ops_narrow(const float* __restrict__ x, int ldx, T* __restrict__ out, int ldo,
+                               int rows, int cols, bool vec) {
+    int64_t c;
+    const int width = ops_chunk(cols, vec, c);
+    if (width == 0) return;
+    const T* tag = nullptr;
+    const int64_t step = (int64_t)gridDim.y * blockDim.y;
+    for (int64_t r = (int64_t)blockIdx.y * blockDim.y + threadIdx.y; r < rows; r += step) {
+        const float* xr = x + r * ldx + c;
+        uint16_t* orow = reinterpret_cast<uint16_t*>(out + r * ldo + c);
+        if (width == 4) {
+            const float4 v = *reinterpret_cast<const float4*>(xr);
+            uint2 q;
+            q.x = ops_narrow_bits(v.x, tag) | (ops_narrow_bits(v.y, tag) << 16);
+            q.y = ops_narrow_bits(v.z, tag) | (ops_narrow_bits(v.w, tag) << 16);
+            *reinterpret_cast<uint2*>(orow) = q;
+        } else {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                if (e < width) orow[e] = (uint16_t)ops_narrow_bits(xr[e], tag);
+            }
+        }
+    }
+}
+
+#define OPS_NARROW_KERNEL(SUFFIX, T)                                                          \
+    extern "C" __global__ void __launch_bounds__(256)                                         \
+        ops_narrow_##SUFFIX(const float* __restrict__ x, int ldx, T* __restrict__ out, int ldo, \
+                            int rows, int cols, int vec) {                                    \
+        ops_narrow<T>(x, ldx, out, ldo, rows, cols, vec != 0);                                \
+    }
+
+OPS_NARROW_KERNEL(f16, __half)
+OPS_NARROW_KERNEL(bf16, __nv_bfloat16)
+
+// x split into two f16 terms, x ~ hi + lo/2048 (the same 2-D mapping; hi and lo share ldo).
+extern "C" __global__ void __launch_bounds__(256)
+    ops_split_f16(const float* __restrict__ x, int ldx, __half* __restrict__ hi,
+                  __half* __restrict__ lo, int ldo, int rows, int cols, int vec) {
+    int64_t c;
+    const int width = ops_chunk(cols, vec != 0, c);
+    if (width == 0) return;
+    const __half* tag = nullptr;
+    const int64_t step = (int64_t)gridDim.y * blockDim.y;
+    for (int64_t r = (int64_t)blockIdx.y * blockDim.y + threadIdx.y; r < rows; r += step) {
+        const float* xr = x + r * ldx + c;
+        uint16_t* hrow = reinterpret_cast<uint16_t*>(hi + r * ldo + c);
+        uint16_t* lrow = reinterpret_cast<uint16_t*>(lo + r * ldo + c);
+        float v[4];
+        if (width == 4) {
+            const float4 q = *reinterpret_cast<const float4*>(xr);
+            v[0] = q.x;
+            v[1] = q.y;
+            v[2] = q.z;
+            v[3] = q.w;
+        } else {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) v[e] = e < width ? xr[e] : 0.0f;
+        }
+        uint32_t h[4], l[4];
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            h[e] = ops_narrow_bits(v[e], tag);
+            // Exact in f32 (hi is v rounded to 11 bits); the scale by 2^11 is exact too.
+            const float rest = v[e] - __half2float(__ushort_as_half((unsigned short)h[e]));
+            l[e] = ops_narrow_bits(rest * 2048.0f, tag);
+        }
+        if (width == 4) {
+            *reinterpret_cast<uint2*>(hrow) = make_uint2(h[0] | (h[1] << 16), h[2] | (h[3] << 16));
+            *reinterpret_cast<uint2*>(lrow) = make_uint2(l[0] | (l[1] << 16), l[2] | (l[3] << 16));
+        } else {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                if (e < width) {
+                    hrow[e] = (uint16_t)h[e];
+                    lrow[e] = (uint16_t)l[e];
+                }
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Mean over the first lengths[b] rows of each sequence (BERT mean pooling): one thread per
+// (sequence, column), the mapping of the header.
+
+extern "C" __global__ void __launch_bounds__(256)
+    ops_mean_rows(const float* __restrict__ x, int ldx, int seq, const uint32_t* __restrict__ lengths,
+                  int batch, int cols, float* __restrict__ out, int ldo) {
+    const int64_t c = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= cols) return;
+    for (int64_t b = blockIdx.y; b < batch; b += gridDim.y) {
+        const uint32_t len = lengths[b];
+        if (len == 0 || len > (uint32_t)seq) continue;  // refused by the launcher; never read
+        const float* xc = x + b * seq * ldx + c;
+        float s = 0.0f;
+#pragma unroll 4
+        for (int64_t r = 0; r < len; ++r) s += xc[r * ldx];  // in row order
+        out[b * ldo + c] = s / (float)len;
+    }
+}

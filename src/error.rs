@@ -59,4 +59,9 @@ pub enum Error {
     /// Any other invalid input (token ids out of range, an empty batch, …).
     #[error("invalid input: {0}")]
     Invalid(String),
+    /// The CUDA backend failed: no device, a kernel that did not compile, a driver error, or
+    /// arguments a CUDA kernel refused.
+    #[cfg(feature = "cuda")]
+    #[error("cuda: {0}")]
+    Cuda(#[from] tessera_cuda::Error),
 }

@@ -36,7 +36,10 @@ pub struct RunArgs {
     /// Key/value cache storage for generation: f32, f16, q8_0.
     #[arg(long, default_value = "f32")]
     pub kv_dtype: String,
-    /// Threads [default: every core].
+    /// Where the kernels run: `cpu`, or `cuda` (GPU 0; needs a build with `--features cuda`).
+    #[arg(long, default_value = "cpu", value_parser = ["cpu", "cuda"])]
+    pub backend: String,
+    /// Threads of the CPU backend [default: every core].
     #[arg(long, value_name = "N")]
     pub threads: Option<usize>,
     /// Write the outputs (f32, Hugging Face names) and generated_ids (i64) to a safetensors
@@ -173,15 +176,44 @@ pub fn run_model<B: Backend>(
 
 /// `tessera run`.
 pub fn run(args: &RunArgs) -> Result<()> {
+    match args.backend.as_str() {
+        "cuda" => {
+            if args.threads.is_some() {
+                return Err(Error::Invalid(
+                    "--threads applies to the cpu backend only".into(),
+                ));
+            }
+            run_cuda(args)
+        }
+        _ => run_on(&Cpu::new(args.threads.unwrap_or(0)), args),
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn run_cuda(args: &RunArgs) -> Result<()> {
+    let dev = tessera_cuda::Device::new(0)?;
+    run_on(&crate::backend::Cuda::new(&dev), args)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn run_cuda(_: &RunArgs) -> Result<()> {
+    Err(Error::Unsupported(
+        "this build has no CUDA backend: build it with `--features cuda` \
+         (cargo run --release --features cuda -- run --backend cuda ...)"
+            .into(),
+    ))
+}
+
+/// `tessera run` on backend `be`.
+fn run_on<B: Backend>(be: &B, args: &RunArgs) -> Result<()> {
     let dtype = WeightDType::parse(&args.dtype)?;
-    let be = Cpu::new(args.threads.unwrap_or(0));
     let t0 = Instant::now();
     let ckpt = Checkpoint::open(&args.model)?;
-    let model = Model::load(&ckpt, &be, &LoadOptions { dtype })?;
+    let model = Model::load(&ckpt, be, &LoadOptions { dtype })?;
     let load_s = t0.elapsed().as_secs_f64();
     let batch = input_batch(args, &args.model)?;
     let t1 = Instant::now();
-    let result = run_model(&be, &model, &batch, args)?;
+    let result = run_model(be, &model, &batch, args)?;
     let run_s = t1.elapsed().as_secs_f64();
 
     let tokens: usize = batch.lengths().iter().sum();

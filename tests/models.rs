@@ -7,145 +7,23 @@
 //! cache must give the same ids. Reduced-precision and quantized weights are run too; their
 //! errors are printed and held under the bounds stated in `lossy_bound`.
 
+mod common;
+
+use common::{Reference, compare, fixture_dirs, fixtures, lossy_bound, rel_err};
 use safetensors::{Dtype, SafeTensors};
 use std::path::{Path, PathBuf};
 use tessera::backend::{Cpu, WeightDType};
 use tessera::loader::Checkpoint;
-use tessera::models::{Batch, GenerateOptions, LoadOptions, Model, Output};
+use tessera::models::{Batch, GenerateOptions, LoadOptions, Model};
 
 const F32_TOL: f64 = 1e-4;
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models")
-}
-
-fn fixture_dirs() -> Vec<PathBuf> {
-    let mut dirs: Vec<PathBuf> = std::fs::read_dir(fixtures())
-        .expect("tests/fixtures/models exists")
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.join("reference.safetensors").exists())
-        .collect();
-    dirs.sort();
-    assert!(dirs.len() >= 6, "expected the six fixtures, found {dirs:?}");
-    dirs
-}
-
-/// The reference file of a fixture.
-struct Reference {
-    bytes: Vec<u8>,
-}
-
-impl Reference {
-    fn open(dir: &Path) -> Reference {
-        Reference {
-            bytes: std::fs::read(dir.join("reference.safetensors")).unwrap(),
-        }
-    }
-    fn st(&self) -> SafeTensors<'_> {
-        SafeTensors::deserialize(&self.bytes).unwrap()
-    }
-    fn has(&self, name: &str) -> bool {
-        self.st().names().contains(&name)
-    }
-    fn f32(&self, name: &str) -> (Vec<usize>, Vec<f32>) {
-        let st = self.st();
-        let t = st.tensor(name).unwrap();
-        assert_eq!(t.dtype(), Dtype::F32, "{name}");
-        let v = t
-            .data()
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
-            .collect();
-        (t.shape().to_vec(), v)
-    }
-    fn i64(&self, name: &str) -> (Vec<usize>, Vec<i64>) {
-        let st = self.st();
-        let t = st.tensor(name).unwrap();
-        assert_eq!(t.dtype(), Dtype::I64, "{name}");
-        let v = t
-            .data()
-            .chunks_exact(8)
-            .map(|b| i64::from_le_bytes(b.try_into().unwrap()))
-            .collect();
-        (t.shape().to_vec(), v)
-    }
-    /// The unpadded sequences of `ids` under `mask` (`[b, L]` each; no mask: all tokens).
-    fn batch(&self, ids: &str, mask: Option<&str>) -> Batch {
-        let (shape, ids) = self.i64(ids);
-        let mask = mask.map(|m| self.i64(m).1);
-        let l = shape[1];
-        let seqs = (0..shape[0])
-            .map(|b| {
-                (0..l)
-                    .filter(|&j| mask.as_ref().is_none_or(|m| m[b * l + j] != 0))
-                    .map(|j| ids[b * l + j] as u32)
-                    .collect()
-            })
-            .collect();
-        Batch::new(seqs).unwrap()
-    }
-    /// Generated ids per sequence, the -1 padding removed.
-    fn generated(&self) -> Vec<Vec<u32>> {
-        let (shape, ids) = self.i64("generated_ids");
-        ids.chunks_exact(shape[1])
-            .map(|r| r.iter().filter(|&&t| t >= 0).map(|&t| t as u32).collect())
-            .collect()
-    }
-}
-
-fn rel_err(ours: &[f32], reference: &[f32]) -> f64 {
-    assert_eq!(ours.len(), reference.len());
-    let (mut num, mut den) = (0.0f64, 0.0f64);
-    for (&a, &b) in ours.iter().zip(reference) {
-        num += (a as f64 - b as f64).powi(2);
-        den += (b as f64).powi(2);
-    }
-    (num / den.max(f64::MIN_POSITIVE)).sqrt()
-}
-
-/// Runs the fixture's forward pass.
-fn outputs(dir: &Path, reference: &Reference, dtype: WeightDType) -> Vec<Output> {
-    let be = Cpu::default();
-    let ckpt = Checkpoint::open(dir).unwrap();
-    let model = Model::load(&ckpt, &be, &LoadOptions { dtype }).unwrap();
-    let batch = reference.batch("input_ids", Some("attention_mask"));
-    match &model {
-        Model::Bert(m) => m
-            .outputs(&be, &batch, reference.has("sentence_embedding"))
-            .unwrap(),
-        Model::Gpt2(m) => m.outputs(&be, &batch).unwrap(),
-        Model::T5(m) => {
-            let dec = reference.batch("decoder_input_ids", None);
-            m.outputs(&be, &batch, &dec).unwrap()
-        }
-    }
-}
-
-/// Compares every output the reference has; returns the largest relative error.
-fn compare(name: &str, ours: &[Output], reference: &Reference) -> f64 {
-    let mut worst = 0.0f64;
-    let mut compared = 0;
-    for o in ours {
-        if !reference.has(o.name) {
-            continue;
-        }
-        let (shape, r) = reference.f32(o.name);
-        assert_eq!(o.shape, shape, "{name}: {} shape", o.name);
-        let e = rel_err(&o.data, &r);
-        println!("{name}: {:<26} rel err {e:.3e}", o.name);
-        worst = worst.max(e);
-        compared += 1;
-    }
-    assert!(compared >= 2, "{name}: only {compared} outputs compared");
-    worst
-}
 
 #[test]
 fn f32_weights_match_transformers() {
     for dir in fixture_dirs() {
         let name = dir.file_name().unwrap().to_string_lossy().to_string();
         let reference = Reference::open(&dir);
-        let ours = outputs(&dir, &reference, WeightDType::F32);
+        let ours = common::outputs(&Cpu::default(), &dir, &reference, WeightDType::F32);
         let worst = compare(&name, &ours, &reference);
         assert!(
             worst <= F32_TOL,
@@ -196,30 +74,6 @@ fn greedy_generation_matches_transformers() {
     assert!(checked >= 4, "only {checked} fixtures had generated ids");
 }
 
-/// RMS relative error of one weight stored in `dtype`. Rounding to a float format with a
-/// `p`-bit significand is a relative error uniform in ±2⁻ᵖ: RMS 2⁻ᵖ/√3 (f16 p = 11, bf16
-/// p = 8). A block format rounds to a step `d = amax / q` (Q8_0: q = 127; Q4_0: 8; Q4_K's
-/// sub-block steps are no coarser than Q4_0's) with an error uniform in ±d/2, RMS d/√12; for
-/// Gaussian-like weights the largest |w| of a 32-weight block is ≈ 2.5σ, so the RMS relative
-/// error is ≈ 2.5 / (q·√12).
-fn weight_error(dtype: WeightDType) -> f64 {
-    match dtype {
-        WeightDType::F32 => 2f64.powi(-24) / 3f64.sqrt(),
-        WeightDType::F16 => 2f64.powi(-11) / 3f64.sqrt(),
-        WeightDType::BF16 => 2f64.powi(-8) / 3f64.sqrt(),
-        WeightDType::Q8_0 => 2.5 / (127.0 * 12f64.sqrt()),
-        WeightDType::Q4_0 | WeightDType::Q4_K => 2.5 / (8.0 * 12f64.sqrt()),
-    }
-}
-
-/// The bound held by a whole model run with weights stored in `dtype`, relative to the f32
-/// reference: the per-weight error of [`weight_error`] times an amplification κ ≤ 20 through
-/// the layers, norms and head (measured on these fixtures: κ ≈ 4–10 for every format), and
-/// never above 0.6 (past that the outputs would no longer be correlated with the reference's).
-fn lossy_bound(dtype: WeightDType) -> f64 {
-    (20.0 * weight_error(dtype)).min(0.6)
-}
-
 #[test]
 fn reduced_precision_and_quantized_weights_stay_within_bounds() {
     for dir in fixture_dirs() {
@@ -232,7 +86,7 @@ fn reduced_precision_and_quantized_weights_stay_within_bounds() {
             WeightDType::Q4_0,
             WeightDType::Q4_K,
         ] {
-            let ours = outputs(&dir, &reference, dtype);
+            let ours = common::outputs(&Cpu::default(), &dir, &reference, dtype);
             let worst = compare(&format!("{name} {}", dtype.name()), &ours, &reference);
             let bound = lossy_bound(dtype);
             assert!(

@@ -2,12 +2,12 @@
 
 use super::{
     Activation, AttentionParams, AttentionShape, Backend, DecodeParams, HeadsRef, KvCacheConfig,
-    SeqId, Tensor, WeightDType,
+    SeqId, Tensor, WeightDType, quantize_blocks,
 };
 use crate::{Error, Result};
 use half::{bf16, f16};
 use tessera_core::attention::{HeadLayout, Heads, HeadsMut};
-use tessera_core::quant::{BlockQ4_0, BlockQ4_K, BlockQ8_0, QuantBlock, WeightBlock};
+use tessera_core::quant::{BlockQ4_0, BlockQ4_K, BlockQ8_0, WeightBlock};
 use tessera_core::{Element, MatMut, MatRef, Transpose};
 use tessera_cpu::attention::{AttentionOptions, attention_with};
 use tessera_cpu::gemm::{GemmOptions, gemm_with};
@@ -137,12 +137,6 @@ pub enum CpuWeight {
     },
 }
 
-fn quantize<B: QuantBlock>(data: &[f32]) -> Result<Vec<B>> {
-    let mut out = vec![B::zeroed(); data.len() / B::LEN];
-    tessera_core::quant::quantize(data, &mut out)?;
-    Ok(out)
-}
-
 /// `C = A·Wᵀ` for any storage type of `W`, then `C = alpha·C` where a kernel cannot fold it.
 fn matmul_float<B: Element>(
     cpu: &Cpu,
@@ -258,17 +252,17 @@ impl Backend for Cpu {
             WeightDType::Q8_0 => CpuWeight::Q8_0 {
                 n,
                 k,
-                data: quantize(data)?,
+                data: quantize_blocks(data)?,
             },
             WeightDType::Q4_0 => CpuWeight::Q4_0 {
                 n,
                 k,
-                data: quantize(data)?,
+                data: quantize_blocks(data)?,
             },
             WeightDType::Q4_K => CpuWeight::Q4_K {
                 n,
                 k,
-                data: quantize(data)?,
+                data: quantize_blocks(data)?,
             },
         })
     }
@@ -518,7 +512,7 @@ impl Backend for Cpu {
 
     fn decode_attention(
         &self,
-        cache: &KvCache,
+        cache: &mut KvCache,
         seqs: &[SeqId],
         n_heads: usize,
         q: HeadsRef<'_, CpuTensor>,

@@ -4,19 +4,31 @@
 //! type, key/value caches) and exposes Tessera's operation families on them: `gemm` / `quant`
 //! (through [`Backend::linear`]), `attention`, `kv_cache` and `ops`. The models in
 //! [`crate::models`] are generic over it and contain no kernel code; [`Cpu`] runs the
-//! `tessera-cpu` kernels, and a CUDA backend implements the same trait.
+//! `tessera-cpu` kernels and, with the `cuda` feature, `Cuda` runs `tessera-cuda`'s on a GPU.
 //!
 //! Shapes travel with the tensors ([`Tensor::rows`], [`Tensor::cols`]); attention operands are
 //! views into a tensor ([`HeadsRef`]: an element offset plus a [`HeadLayout`]), so the query,
 //! key and value columns of one fused projection are used in place.
 
 mod cpu;
+#[cfg(feature = "cuda")]
+mod cuda;
 
 pub use cpu::{Cpu, CpuTensor, CpuWeight};
+#[cfg(feature = "cuda")]
+pub use cuda::{Cuda, CudaTensor, CudaWeight};
 pub use tessera_core::attention::{AttentionParams, AttentionShape, HeadLayout};
 pub use tessera_cpu::kv_cache::{DecodeParams, KvCacheConfig, KvDType, KvLayout, SeqId};
 
 use crate::Result;
+use tessera_core::quant::QuantBlock;
+
+/// `data` (whole rows of a weight matrix) quantized to blocks of `B`.
+pub(crate) fn quantize_blocks<B: QuantBlock>(data: &[f32]) -> Result<Vec<B>> {
+    let mut out = vec![B::zeroed(); data.len() / B::LEN];
+    tessera_core::quant::quantize(data, &mut out)?;
+    Ok(out)
+}
 
 /// How the weights of a linear layer (and embedding tables) are stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -272,10 +284,11 @@ pub trait Backend {
         n_tokens: usize,
     ) -> Result<()>;
     /// One query token per sequence over everything `seqs` have cached; `out` is
-    /// `[seqs.len(), n_heads·head_dim]`.
+    /// `[seqs.len(), n_heads·head_dim]`. The cache is borrowed mutably because a device cache
+    /// brings its device-side block tables up to date first; the cached tokens do not change.
     fn decode_attention(
         &self,
-        cache: &Self::KvCache,
+        cache: &mut Self::KvCache,
         seqs: &[SeqId],
         n_heads: usize,
         q: HeadsRef<'_, Self::Tensor>,

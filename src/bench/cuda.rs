@@ -116,12 +116,12 @@ pub fn time_gpu(
 }
 
 /// Random values in [-1, 1) from a fixed seed.
-fn random_f32(len: usize, seed: u64) -> Vec<f32> {
+pub(super) fn random_f32(len: usize, seed: u64) -> Vec<f32> {
     super::data::random_f32(len, seed)
 }
 
 /// How many copies of a `bytes`-sized input rotate so that together they exceed 4 L2s.
-fn rotation(info: &DeviceInfo, bytes: usize) -> usize {
+pub(super) fn rotation(info: &DeviceInfo, bytes: usize) -> usize {
     (4 * info.l2_bytes).div_ceil(bytes.max(1)).clamp(1, 64)
 }
 
@@ -176,7 +176,7 @@ impl FromF32 for bf16 {
 /// One GPU row: GFLOP/s and GB/s of `flops` / `bytes`, placed on the calibrated ceilings
 /// (tensor rate when compute-bound, copy bandwidth when memory-bound).
 #[allow(clippy::too_many_arguments)]
-fn row(
+pub(super) fn row(
     id: &CaseId,
     arch: &str,
     flops: f64,
@@ -217,7 +217,13 @@ fn row(
     }
 }
 
-fn id(family: &'static str, kernel: &str, shape: String, dtype: &str, layout: &str) -> CaseId {
+pub(super) fn id(
+    family: &'static str,
+    kernel: &str,
+    shape: String,
+    dtype: &str,
+    layout: &str,
+) -> CaseId {
     CaseId {
         family,
         kernel: kernel.to_string(),
@@ -228,11 +234,15 @@ fn id(family: &'static str, kernel: &str, shape: String, dtype: &str, layout: &s
     }
 }
 
-type GpuRun = Box<dyn FnOnce(&Device, &GpuCalibration, bool) -> Result<Row>>;
+/// A case's measurement: the device, the ceilings, `quick`.
+pub(super) type GpuRun = Box<dyn FnOnce(&Device, &GpuCalibration, bool) -> Result<Row>>;
 
-struct GpuCase {
-    id: CaseId,
-    run: GpuRun,
+/// One GPU benchmark case.
+pub(super) struct GpuCase {
+    /// What it measures.
+    pub(super) id: CaseId,
+    /// How.
+    pub(super) run: GpuRun,
 }
 
 fn gemm_cases(info: &DeviceInfo, quick: bool) -> Vec<GpuCase> {

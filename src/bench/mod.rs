@@ -10,6 +10,8 @@ pub mod calibrate;
 pub mod cli;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+#[cfg(feature = "cuda")]
+pub mod cuda_model;
 pub mod data;
 pub mod gemm;
 pub mod model;

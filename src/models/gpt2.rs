@@ -461,7 +461,7 @@ impl<B: Backend> Gpt2<B> {
                 bias: None,
             };
             be.decode_attention(
-                &caches.layers[li],
+                &mut caches.layers[li],
                 &seqs,
                 cfg.heads,
                 HeadsRef::columns(&buf.qkv, 1, d, 0, 0),

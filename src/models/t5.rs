@@ -566,7 +566,7 @@ impl<B: Backend> T5<B> {
                     )?;
                 }
                 be.decode_attention(
-                    &caches[li],
+                    &mut caches[li],
                     &seqs[li],
                     c.heads,
                     HeadsRef {

@@ -1,22 +1,25 @@
 //! The `ops` family on the GPU (`cuda/ops.cu`): layer norm, RMS norm, softmax, activations
 //! (ReLU, GELU with `erf` and with `tanh`, tanh), gated activations, embedding gather, residual
-//! and bias adds, scaling, L2 normalization.
+//! and bias adds, scaling, L2 normalization, narrowing f32 to f16 / bf16 ([`narrow`]) and mean
+//! pooling over the rows of each sequence ([`mean_rows`]).
 //!
 //! The API mirrors `tessera_cpu::ops` with device buffers: every function takes the
 //! [`Device`], a [`DevMat`] shape (rows, columns, leading dimension; row-major f32) for each
 //! matrix operand next to its buffer (`&impl DevicePtr<f32>` to read, `&mut impl
 //! DevicePtrMut<f32>` to write), and device buffers for the `cols`-long parameter vectors
 //! (weight, bias). Semantics are those of [`tessera_core::reference::ops`] (PyTorch / Hugging
-//! Face `transformers`), special values included.
+//! Face `transformers`), special values included. [`narrow`] writes f16 / bf16 (`T`) and
+//! [`mean_rows`] takes host `lengths`, as [`embedding`] takes host ids.
 //!
 //! Every function validates everything on the host before anything is enqueued: each buffer
 //! long enough for its shape and leading dimension (`ld >= cols`, no overflow), shapes that
-//! must agree, vector lengths equal to `cols`, embedding ids below the table's rows, and every
-//! size within the kernels' 32-bit `int` and the grid limits; a failure is
-//! [`Error::Invalid`](crate::Error::Invalid) and nothing is launched. The same checks are
-//! available without a device as the `validate_*` functions. A matrix with 0 rows or 0
-//! columns is valid and nothing is launched. Kernels are enqueued on [`Device::stream`] and not waited for: a fault shows up
-//! at the next synchronizing call ([`Device::synchronize`], [`Device::download`]).
+//! must agree, vector lengths equal to `cols`, embedding ids below the table's rows, sequence
+//! lengths in `1..=seq`, and every size within the kernels' 32-bit `int` and the grid limits;
+//! a failure is [`Error::Invalid`](crate::Error::Invalid) and nothing is launched. The same
+//! checks are available without a device as the `validate_*` functions. A matrix with 0 rows
+//! or 0 columns is valid and nothing is launched. Kernels are enqueued on [`Device::stream`]
+//! and not waited for: a fault shows up at the next synchronizing call
+//! ([`Device::synchronize`], [`Device::download`]).
 //!
 //! # Kernels
 //! `cuda/ops.cu`'s header states each kernel's mapping and launch geometry. In short: the row
@@ -25,10 +28,12 @@
 //! the row in registers, so the row is read once and written once; longer rows stream it two
 //! or three times ([`row_variant`]). Elementwise kernels and the gather use a 2-D grid of
 //! 256-thread blocks over (column chunks, rows). Accesses are float4 wide when every operand
-//! starts 16-byte aligned and every leading dimension is a multiple of 4 (a partial chunk at
-//! the end of a row goes element by element), scalar otherwise; only columns `0..cols` of a
-//! row are ever touched, never the padding up to `ld`. Results are deterministic: the same
-//! inputs, shapes and alignment give the same bits.
+//! starts 16-byte aligned (a [`narrow`] output 8-byte aligned: four 2-byte values per store)
+//! and every leading dimension is a multiple of 4 (a partial chunk at the end of a row goes
+//! element by element), scalar otherwise. [`mean_rows`] runs one thread per (sequence,
+//! column), 256-thread blocks over the columns, one grid row per sequence (stepping past
+//! 65535). Only columns `0..cols` of a row are ever touched, never the padding up to `ld`.
+//! Results are deterministic: the same inputs, shapes and alignment give the same bits.
 //!
 //! # Accuracy
 //! Arithmetic is IEEE f32 (NVRTC without fast math: correctly rounded division and square
@@ -36,8 +41,11 @@
 //! documented error bounds are [`EXP_REL_ERR`], [`ERFC_REL_ERR`] and [`TANH_REL_ERR`]. The
 //! norms use the CPU kernels' algorithms (layer norm: the corrected two-pass mean and
 //! variance), so the CPU crate's error bounds hold with those constants: [`add`],
-//! [`add_bias`], [`scale`] are correctly rounded, [`embedding`] and ReLU exact; see each
-//! function for the rest.
+//! [`add_bias`], [`scale`] are correctly rounded, [`embedding`] and ReLU exact; [`narrow`] is
+//! exact rounding (round to nearest even, bit-identical to `half::f16::from_f32` /
+//! `half::bf16::from_f32`, NaN bits included); [`mean_rows`] is within
+//! `γ_len·Σ|x|/len + u·|result|` (`u = 2⁻²⁴`, `γ_k = ku/(1 − ku)`); see each function for
+//! the rest.
 
 use crate::compile::Family;
 use crate::error::DriverContext;
@@ -45,7 +53,7 @@ use crate::launch::{dim_i32, grid};
 use crate::{Device, Result};
 use cudarc::driver::{DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
 use tessera_core::shape::{check_dim, check_len, check_matrix};
-use tessera_core::{DType, Element};
+use tessera_core::{DType, Element, f16};
 
 pub use tessera_core::reference::ops::{Activation, L2_NORM_MIN};
 
@@ -262,6 +270,60 @@ pub fn validate_embedding(
         .into());
     }
     check_fits("table", table)?;
+    check_fits("out", out)
+}
+
+/// The checks of [`narrow`], without a device: `x` and `out` hold their shapes (`out` in
+/// elements of its 2-byte type), `out` is `x`'s shape, every size fits an `int`. (The target
+/// type is checked by [`narrow_kernel`].)
+///
+/// # Errors
+/// [`Error::Invalid`](crate::Error::Invalid): `SliceTooShort` / `LeadingDimension` /
+/// `Overflow` (x, then out), `ShapeMismatch`, `Overflow`.
+pub fn validate_narrow(x: DevMat, x_len: usize, out: DevMat, out_len: usize) -> Result<()> {
+    check_mat("x", x, x_len)?;
+    check_mat("out", out, out_len)?;
+    check_shape("out", out, "x", x)?;
+    check_fits("x", x)?;
+    check_fits("out", out)
+}
+
+/// The checks of [`mean_rows`], without a device: `x` and `out` hold their shapes, `x` has
+/// `lengths.len()·seq` rows and `out` `lengths.len()` rows of `x`'s columns, every length is
+/// in `1..=seq`, every size fits an `int`.
+///
+/// # Errors
+/// [`Error::Invalid`](crate::Error::Invalid): `SliceTooShort` / `LeadingDimension` /
+/// `Overflow` (x, then out), `Overflow` (`lengths.len()·seq` overflows), `ShapeMismatch`
+/// (rows of x vs `lengths.len()·seq`, rows of out vs `lengths.len()`, then columns),
+/// `InvalidArgument` naming the first length outside `1..=seq` and its index, `Overflow` (a
+/// size beyond `i32::MAX`).
+pub fn validate_mean_rows(
+    x: DevMat,
+    x_len: usize,
+    seq: usize,
+    lengths: &[usize],
+    out: DevMat,
+    out_len: usize,
+) -> Result<()> {
+    check_mat("x", x, x_len)?;
+    check_mat("out", out, out_len)?;
+    let rows = tessera_core::shape::checked_mul(lengths.len(), seq, "sequences x seq")?;
+    check_dim("rows of x vs the number of lengths x seq", x.rows, rows)?;
+    check_dim(
+        "rows of out vs the number of lengths",
+        out.rows,
+        lengths.len(),
+    )?;
+    check_dim("columns of out vs columns of x", out.cols, x.cols)?;
+    if let Some(i) = lengths.iter().position(|&l| l == 0 || l > seq) {
+        return Err(tessera_core::Error::InvalidArgument(format!(
+            "lengths[{i}] = {} is outside 1..={seq} (each sequence holds seq = {seq} rows)",
+            lengths[i]
+        ))
+        .into());
+    }
+    check_fits("x", x)?;
     check_fits("out", out)
 }
 
@@ -723,6 +785,127 @@ pub fn add_bias(
     Ok(())
 }
 
+/// The kernel that narrows f32 to `dtype`: `"ops_narrow_f16"` or `"ops_narrow_bf16"`. Needs
+/// no GPU.
+///
+/// # Errors
+/// [`Error::Unsupported`](crate::Error::Unsupported) for [`DType::F32`]: there is no f32 to
+/// f32 narrowing kernel (the input already is the result; copy it if a second buffer is
+/// wanted).
+pub fn narrow_kernel(dtype: DType) -> Result<&'static str> {
+    match dtype {
+        DType::F16 => Ok("ops_narrow_f16"),
+        DType::BF16 => Ok("ops_narrow_bf16"),
+        DType::F32 => Err(crate::Error::Unsupported(
+            "ops::narrow converts f32 to f16 or bf16; an f32 target is not a narrowing (the \
+             input already is the result)"
+                .into(),
+        )),
+    }
+}
+
+/// `out = x` rounded to `T` (f16 or bf16), round to nearest even (`__float2half_rn`,
+/// `__float2bfloat16_rn`), exact rounding: every result is bit-identical to
+/// `half::f16::from_f32` / `half::bf16::from_f32`. Values beyond f16's range (`|x| >= 65520`)
+/// become `±∞`, ±∞ stay ±∞, subnormal results are kept (f16 and bf16 subnormals; f32
+/// subnormals narrow to bf16 subnormals and to f16 ±0), the sign of zero is kept. A NaN stays
+/// NaN with `half`'s bits (its sign and leading payload bits, the quiet bit set), not the
+/// hardware's canonical NaN. `out` is a distinct buffer of `x`'s shape with its own leading
+/// dimension (in elements of `T`); the model layer uses it to turn f32 activations into
+/// f16/bf16 GEMM and attention inputs.
+///
+/// # Errors
+/// [`narrow_kernel`]'s `Unsupported` for an f32 `T`, then as [`validate_narrow`], then a
+/// driver error if the launch fails.
+pub fn narrow<T: Element>(
+    dev: &Device,
+    x_mat: DevMat,
+    x: &impl DevicePtr<f32>,
+    out_mat: DevMat,
+    out: &mut impl DevicePtrMut<T>,
+) -> Result<()> {
+    let name = narrow_kernel(T::DTYPE)?;
+    validate_narrow(x_mat, x.len(), out_mat, out.len())?;
+    if x_mat.is_empty() {
+        return Ok(());
+    }
+    let (rows, cols, [ldx, ldo]) = flatten(x_mat.rows, x_mat.cols, [x_mat.ld, out_mat.ld]);
+    let f = dev.function(Family::Ops, name)?;
+    let stream = dev.stream();
+    let (xp, _rx) = x.device_ptr(stream);
+    let (op, _ro) = out.device_ptr_mut(stream);
+    // A chunk: one float4 load of x, one 8-byte store of four 2-byte values.
+    let vec = vectorizable(rows, &[(xp, 16), (op, 8)], &[ldx, ldo]);
+    let cfg = elementwise_launch(rows, cols, vec)?;
+    let (ldx, ldo) = (int("ldx", ldx)?, int("ldo", ldo)?);
+    let (rows_i, cols_i, vec_i) = (int("rows", rows)?, int("cols", cols)?, i32::from(vec));
+    let mut b = stream.launch_builder(&f);
+    b.arg(&xp).arg(&ldx).arg(&op).arg(&ldo);
+    b.arg(&rows_i).arg(&cols_i).arg(&vec_i);
+    // SAFETY: ops_narrow_{f16,bf16}(const float* x, int ldx, T* out, int ldo, int rows, int
+    // cols, int vec) reads columns 0..cols of rows 0..rows of x and writes those of out (2-byte
+    // elements: the kernel is the one for T::DTYPE, F16 or BF16, both 2 bytes). Validated: x
+    // holds (rows − 1)·ldx + cols floats and out (rows − 1)·ldo + cols elements of T at their
+    // leading dimensions (or, both contiguous, the same elements as one row); sizes fit an
+    // int; out is a distinct &mut borrow; vec only with x 16-byte and out 8-byte aligned and
+    // (rows > 1) both leading dimensions multiples of 4.
+    unsafe { b.launch(cfg) }.ctx(|| format!("launching {name}"))?;
+    Ok(())
+}
+
+/// The factor of the low term of [`split_f16`]: `x ≈ hi + lo / SPLIT_SCALE` (2¹¹, so the low
+/// term, at most half an f16 ulp of `x`, is again of `x`'s magnitude and stays a normal f16).
+pub const SPLIT_SCALE: f32 = 2048.0;
+
+/// `x` as two f16 terms, `x ≈ hi + lo / SPLIT_SCALE`: `hi` is `x` narrowed as [`narrow`] does,
+/// `lo` is `(x − hi)·SPLIT_SCALE` narrowed the same way (the difference and the scaling are
+/// exact in f32). Together they hold `x` to about 2⁻²² relative (the dropped part is the
+/// rounding of `lo`, `2⁻¹¹·|x − hi|`; plus `2⁻²⁵` absolute where `x − hi` is an f16
+/// subnormal), so three f16 tensor-core products `hi·hi' + (hi·lo' + lo·hi')/SPLIT_SCALE`
+/// come within about 2⁻²¹ of an f32 product. `|x| ≥ 65520` gives `hi = ±∞` (and a NaN or
+/// infinite `lo`); NaN stays NaN. `hi` and `lo` are distinct buffers of `x`'s shape with the
+/// same leading dimension (`out_mat`).
+///
+/// # Errors
+/// As [`validate_narrow`] (for each of `hi` and `lo`), then a driver error if the launch
+/// fails.
+pub fn split_f16(
+    dev: &Device,
+    x_mat: DevMat,
+    x: &impl DevicePtr<f32>,
+    out_mat: DevMat,
+    hi: &mut impl DevicePtrMut<f16>,
+    lo: &mut impl DevicePtrMut<f16>,
+) -> Result<()> {
+    validate_narrow(x_mat, x.len(), out_mat, hi.len())?;
+    validate_narrow(x_mat, x.len(), out_mat, lo.len())?;
+    if x_mat.is_empty() {
+        return Ok(());
+    }
+    let (rows, cols, [ldx, ldo]) = flatten(x_mat.rows, x_mat.cols, [x_mat.ld, out_mat.ld]);
+    let name = "ops_split_f16";
+    let f = dev.function(Family::Ops, name)?;
+    let stream = dev.stream();
+    let (xp, _rx) = x.device_ptr(stream);
+    let (hp, _rh) = hi.device_ptr_mut(stream);
+    let (lp, _rl) = lo.device_ptr_mut(stream);
+    let vec = vectorizable(rows, &[(xp, 16), (hp, 8), (lp, 8)], &[ldx, ldo]);
+    let cfg = elementwise_launch(rows, cols, vec)?;
+    let (ldx, ldo) = (int("ldx", ldx)?, int("ldo", ldo)?);
+    let (rows_i, cols_i, vec_i) = (int("rows", rows)?, int("cols", cols)?, i32::from(vec));
+    let mut b = stream.launch_builder(&f);
+    b.arg(&xp).arg(&ldx).arg(&hp).arg(&lp).arg(&ldo);
+    b.arg(&rows_i).arg(&cols_i).arg(&vec_i);
+    // SAFETY: ops_split_f16(const float* x, int ldx, __half* hi, __half* lo, int ldo, int rows,
+    // int cols, int vec) reads columns 0..cols of rows 0..rows of x and writes those of hi and
+    // lo (2-byte elements, leading dimension ldo). Validated: x holds (rows − 1)·ldx + cols
+    // floats, hi and lo each (rows − 1)·ldo + cols f16 (or, all contiguous, the same elements
+    // as one row); sizes fit an int; hi and lo are distinct &mut borrows; vec only with x
+    // 16-byte and hi, lo 8-byte aligned and (rows > 1) both leading dimensions multiples of 4.
+    unsafe { b.launch(cfg) }.ctx(|| format!("launching {name}"))?;
+    Ok(())
+}
+
 // ---------------------------------------------------------------------------------------
 // Embedding gather.
 
@@ -780,6 +963,83 @@ pub fn embedding<T: Element>(
     Ok(())
 }
 
+// ---------------------------------------------------------------------------------------
+// Mean pooling.
+
+/// Launch shape of [`mean_rows`]: 256-thread blocks over the columns, one grid row per
+/// sequence up to 65535 (the kernel steps over further sequences).
+fn mean_rows_launch(batch: usize, cols: usize) -> Result<LaunchConfig> {
+    let gx = grid("columns of ops_mean_rows", cols, 256, false)?;
+    let gy = batch.clamp(1, 65_535) as u32;
+    Ok(LaunchConfig {
+        grid_dim: (gx, gy, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    })
+}
+
+/// Mean pooling (sentence-transformers' BERT pooling): `out[b, c] = (Σ_{r < lengths[b]}
+/// x[b·seq + r, c]) / lengths[b]`, the first `lengths[b]` rows of each `seq`-row sequence
+/// summed in row order in f32, then one correctly rounded division by `lengths[b]` (exact as
+/// an f32 up to 2²⁴). `x` is `[lengths.len()·seq, cols]`, `out` `[lengths.len(), cols]` (a
+/// distinct buffer), every length in `1..=seq`; rows past a sequence's length are never read
+/// (their contents, NaN included, do not matter).
+///
+/// Error at most `γ_len·Σ|x|/len + u·|result|` per output (`len = lengths[b]`, `Σ|x|` over
+/// the counted rows of the column, `result` the exact mean; `u = 2⁻²⁴`,
+/// `γ_k = ku/(1 − ku)`), for a normal result (a subnormal one carries up to `2⁻¹⁴⁹` more).
+/// NaN and infinities in the counted rows propagate as in the sum.
+///
+/// `lengths` are host data: checked on the host (nothing is launched or written when one is
+/// out of range), then copied as u32 to a small device buffer of their own, allocated for the
+/// call (stream-ordered) and freed after the kernel has read it. `lengths.len() == 0` or
+/// `cols == 0` launches nothing.
+///
+/// # Errors
+/// As [`validate_mean_rows`], then a driver error if the upload or the launch fails.
+pub fn mean_rows(
+    dev: &Device,
+    x_mat: DevMat,
+    x: &impl DevicePtr<f32>,
+    seq: usize,
+    lengths: &[usize],
+    out_mat: DevMat,
+    out: &mut impl DevicePtrMut<f32>,
+) -> Result<()> {
+    validate_mean_rows(x_mat, x.len(), seq, lengths, out_mat, out.len())?;
+    let (batch, cols) = (lengths.len(), x_mat.cols);
+    if batch == 0 || cols == 0 {
+        return Ok(());
+    }
+    let cfg = mean_rows_launch(batch, cols)?;
+    let f = dev.function(Family::Ops, "ops_mean_rows")?;
+    // Every length is in 1..=seq, and seq <= rows of x fits an int.
+    let lens: Vec<u32> = lengths.iter().map(|&l| l as u32).collect();
+    let lens_dev = dev.upload(&lens)?;
+    let stream = dev.stream();
+    let (xp, _rx) = x.device_ptr(stream);
+    let (lp, _rl) = lens_dev.device_ptr(stream);
+    let (op, _ro) = out.device_ptr_mut(stream);
+    let (ldx, ldo, seq_i) = (
+        int("ldx", x_mat.ld)?,
+        int("ldo", out_mat.ld)?,
+        int("seq", seq)?,
+    );
+    let (batch_i, cols_i) = (int("batch", batch)?, int("cols", cols)?);
+    let mut b = stream.launch_builder(&f);
+    b.arg(&xp).arg(&ldx).arg(&seq_i).arg(&lp).arg(&batch_i);
+    b.arg(&cols_i).arg(&op).arg(&ldo);
+    // SAFETY: ops_mean_rows(const float* x, int ldx, int seq, const uint32_t* lengths, int
+    // batch, int cols, float* out, int ldo) reads the batch lengths, columns 0..cols of rows
+    // b·seq .. b·seq + lengths[b] of x (lengths[b] in 1..=seq: checked on the host, and a
+    // sequence is skipped by the kernel otherwise) and writes columns 0..cols of out rows
+    // 0..batch. Validated: x holds (batch·seq − 1)·ldx + cols floats, out
+    // (batch − 1)·ldo + cols, lens_dev batch u32; sizes fit an int; out is a distinct &mut
+    // borrow; the launch shape is mean_rows_launch's, which the kernel's loops expect.
+    unsafe { b.launch(cfg) }.ctx(|| "launching ops_mean_rows".into())?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -815,6 +1075,14 @@ mod tests {
         // Rows beyond the grid's y limit are stepped over by the kernel.
         let c = elementwise_launch(10_000_000, 300, false).unwrap();
         assert_eq!((c.grid_dim, c.block_dim), ((2, 65_535, 1), (256, 1, 1)));
+    }
+
+    #[test]
+    fn mean_rows_geometry() {
+        let c = mean_rows_launch(32, 768).unwrap();
+        assert_eq!((c.grid_dim, c.block_dim), ((3, 32, 1), (256, 1, 1)));
+        let c = mean_rows_launch(100_000, 1).unwrap();
+        assert_eq!((c.grid_dim, c.block_dim), ((1, 65_535, 1), (256, 1, 1)));
     }
 
     #[test]

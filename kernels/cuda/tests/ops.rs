@@ -1,7 +1,8 @@
 //! Tests of the CUDA `ops` family.
 //!
 //! * GPU property tests (skipped, one printed line, where `test_device()` finds no GPU): every
-//!   operation against `tessera_core::reference::ops` on random shapes: 0 to 9 rows; columns
+//!   operation against `tessera_core::reference::ops` (narrowing against `half`'s conversions,
+//!   mean pooling against an f64 sum, random lengths) on random shapes: 0 to 9 rows; columns
 //!   0, 1, primes, and one below / at / one above every edge of the kernels (float4 chunk,
 //!   warp, the row variants' 256 / 1024 / 4096 / 16384 columns), leading dimensions above
 //!   the columns, matrices that start 0 to 3 floats into their allocation (so both the float4
@@ -11,20 +12,25 @@
 //!   matrix) must hold what it held: the poison for outputs, the input for in-place operands.
 //! * GPU tests of special rows and values (softmax's masked / all `−∞` / NaN / `+∞` rows,
 //!   NaN propagation, infinities through every activation, layer norm of constant and offset
-//!   rows) in every row-kernel variant, and of launcher refusals.
-//! * Host-only tests (they run everywhere) of every validation error.
+//!   rows) in every row-kernel variant, of narrowing's special values (NaN payloads, ±∞,
+//!   f16 overflow, subnormals, ties) in both access paths, of mean pooling over more sequences
+//!   than the grid's y limit, and of launcher refusals.
+//! * Host-only tests (they run everywhere) of every validation error, and of the kernels'
+//!   formulas emulated on the host against the tolerances.
 //!
 //! Tolerances are derived from the operations each kernel performs, as in the CPU crate's
 //! tests (`kernels/cpu/tests/ops.rs`), with `u = 2⁻²⁴`, `γ_k = k·u/(1 − k·u)` and the CUDA math
 //! library's documented bounds (`EXP_REL_ERR`, `ERFC_REL_ERR`, `TANH_REL_ERR` of
 //! `tessera_cuda::ops`); each is stated next to its check and multiplied by 1.01 for the
-//! second-order terms. add, add_bias, scale: correctly rounded; embedding, ReLU: exact.
+//! second-order terms. add, add_bias, scale: correctly rounded; embedding, ReLU: exact;
+//! narrow: bit-identical to `half::f16::from_f32` / `half::bf16::from_f32`; mean_rows:
+//! `γ_len·Σ|x|/len + u·|ref|`.
 
 use half::{bf16, f16};
 use proptest::prelude::*;
 use tessera_core::reference::ops as reference;
 use tessera_core::{Element, MatRef};
-use tessera_cuda::cudarc::driver::CudaSlice;
+use tessera_cuda::cudarc::driver::{CudaSlice, DeviceRepr};
 use tessera_cuda::launch::fill_u32;
 use tessera_cuda::ops::{
     self, Activation, DevMat, ERFC_REL_ERR, EXP_REL_ERR, ROW_CACHE_MAX_COLS, TANH_REL_ERR,
@@ -764,6 +770,296 @@ proptest! {
 }
 
 // ---------------------------------------------------------------------------------------
+// Narrowing to f16 / bf16 and mean pooling.
+
+/// Deterministic pseudo-random 32-bit patterns.
+fn bit_patterns(n: usize, seed: u64) -> Vec<u32> {
+    let mut x = seed | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 32) as u32
+        })
+        .collect()
+}
+
+/// Values narrowing must get right, each bit-identical to `half`: NaNs of both signs with
+/// assorted payloads (quiet, signalling, payload only in the bits narrowing drops), ±∞, ±0,
+/// the f32 extremes, f32 subnormals, f16's largest finite value and the edges around it where
+/// round to nearest even goes to 65504 or to ∞, f16 subnormals and the ties below the
+/// smallest one, bf16 ties and bf16's overflow at `f32::MAX`.
+fn narrow_specials() -> Vec<f32> {
+    let bits = [
+        0x7fc0_0000u32,
+        0xffc0_0000,
+        0x7f80_0001,
+        0xff80_0001,
+        0x7fbf_ffff,
+        0x7fff_ffff,
+        0xffff_ffff,
+        0x7f81_2345,
+        0xff80_1fff,
+        0x7fa0_0000,
+        0x7f80_2000,
+        0x7f80_0000,
+        0xff80_0000,
+        0x0000_0000,
+        0x8000_0000,
+        0x0000_0001,
+        0x8000_0001,
+        0x007f_ffff,
+        0x0040_0000,
+        0x0080_0000,
+        0x7f7f_ffff,
+        0xff7f_ffff,
+        0x7f7f_7fff,
+        0x7f7f_8000,
+        0x477f_e000, // 65504
+        0x477f_efff, // just below 65520: 65504
+        0x477f_f000, // 65520: the tie, to ∞
+        0xc77f_f000,
+        0x4780_0000, // 65536
+        0x4900_0000,
+        0x3380_0000, // 2⁻²⁴: the smallest f16 subnormal
+        0x3300_0000, // 2⁻²⁵: a tie, to 0
+        0xb300_0000,
+        0x3300_0001, // just above: to 2⁻²⁴
+        0x33c0_0000, // 1.5·2⁻²⁴: a tie, to 2⁻²³
+        0x3880_0000, // 2⁻¹⁴: the smallest f16 normal
+        0x387f_e000, // just below: the largest f16 subnormal's neighbourhood
+        0x387f_f000,
+        0x3f80_1000, // f16 ties at 1: to even
+        0x3f80_3000,
+        0x3f80_8000, // bf16 ties at 1
+        0x3f81_8000,
+        0x3f80_8001,
+    ];
+    bits.iter().map(|&b| f32::from_bits(b)).collect()
+}
+
+/// Inputs for [`narrow`](ops::narrow): per element, one of random bit patterns (every class:
+/// NaN payloads, subnormals, huge and tiny values), the same with the bits f16 or bf16 drops
+/// set to an exact tie, values around f16's overflow and its subnormal range (both signs),
+/// [`narrow_specials`], and ordinary values of `scale`.
+fn narrow_input(n: usize, seed: u64, scale: f32) -> Vec<f32> {
+    let pick = bit_patterns(n, seed ^ 0x4e41);
+    let raw = bit_patterns(n, seed);
+    let ordinary = values(n, seed ^ 0x77, scale);
+    let specials = narrow_specials();
+    (0..n)
+        .map(|i| {
+            let (p, r) = (pick[i], raw[i]);
+            let sign = r & 0x8000_0000;
+            match p % 8 {
+                0 => f32::from_bits(r),
+                1 => f32::from_bits((r & !0x1fff) | 0x1000),
+                2 => f32::from_bits((r & !0xffff) | 0x8000),
+                3 => f32::from_bits(sign | (0x477f_e000 + (r >> 8) % 0x4000 - 0x1000)),
+                4 => f32::from_bits(sign | (0x32f0_0000 + (r >> 4) % 0x05a0_0000)),
+                5 => specials[(p >> 8) as usize % specials.len()],
+                _ => ordinary[i],
+            }
+        })
+        .collect()
+}
+
+/// The 2-byte bits of an f16 / bf16.
+fn bits16<T: Element>(v: T) -> u16 {
+    bytemuck::cast(v)
+}
+
+/// What a narrowed output allocation is filled with before the launch: a signalling NaN of
+/// the type (no quiet bit), which neither the kernel nor `half` ever produces.
+fn poison16<T: Element>() -> u16 {
+    if T::DTYPE == tessera_core::DType::BF16 {
+        0x7f81
+    } else {
+        0x7c01
+    }
+}
+
+/// Narrows a `Case`'s matrix (x with `gaps[0]` and `offs[0]`, in floats; out with `gaps[2]`
+/// and `offs[2]`, in elements of `T`: offsets 1 to 3 put out off its 8-byte boundary) and checks
+/// every element of the output allocation: the logical ones bit-identical to `T::from_f32`,
+/// the others still the poison; x unchanged.
+fn check_narrow<T: Element + DeviceRepr>(dev: &Device, c: &Case) -> Result<(), TestCaseError> {
+    let xv = narrow_input(c.n(), c.seed, c.scale);
+    let x = c.mat(0, &xv);
+    // The output geometry, as a Mat of zeros (only its indexing is used).
+    let o = c.out();
+    let poison = poison16::<T>();
+    let xb = x.upload(dev)?;
+    let mut ob = gpu(dev.upload(&vec![bytemuck::cast::<u16, T>(poison); o.data.len()]))?;
+    gpu(ops::narrow::<T>(
+        dev,
+        x.shape(),
+        &xb.slice(x.range()),
+        o.shape(),
+        &mut ob.slice_mut(o.range()),
+    ))?;
+    gpu(dev.synchronize())?;
+    let got: Vec<u16> = gpu(dev.download(&ob))?.into_iter().map(bits16).collect();
+    prop_assert_eq!(got.len(), o.data.len());
+    for (i, &g) in got.iter().enumerate() {
+        if !o.is_elem(i) {
+            prop_assert_eq!(g, poison, "narrow wrote outside out at {}", i);
+        }
+    }
+    for r in 0..if c.cols == 0 { 0 } else { c.rows } {
+        for col in 0..c.cols {
+            let v = xv[r * c.cols + col];
+            let want = bits16(T::from_f32(v));
+            prop_assert!(want != poison);
+            let g = got[o.off + r * o.ld + col];
+            prop_assert!(
+                g == want,
+                "narrow to {:?}: [{}, {}] = {:e} ({:#010x}): got {:#06x} want {:#06x}",
+                T::DTYPE,
+                r,
+                col,
+                v,
+                v.to_bits(),
+                g,
+                want
+            );
+        }
+    }
+    prop_assert_eq!(
+        gpu(dev.download(&xb))?
+            .iter()
+            .map(|v| v.to_bits())
+            .collect::<Vec<_>>(),
+        x.data.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+        "narrow changed x"
+    );
+    Ok(())
+}
+
+/// A mean-pooling case: `batch` sequences of `seq` rows of `cols` columns, random lengths in
+/// `1..=seq`.
+#[derive(Debug, Clone)]
+struct PoolCase {
+    batch: usize,
+    seq: usize,
+    cols: usize,
+    lengths: Vec<usize>,
+    gaps: [usize; 2],
+    offs: [usize; 2],
+    seed: u64,
+    scale: f32,
+}
+
+prop_compose! {
+    fn pool_case()(
+        batch in prop_oneof![1 => Just(0usize), 6 => 1usize..=6],
+        seq in prop_oneof![2 => Just(1usize), 3 => 2usize..=40, 1 => Just(128usize)],
+        cols in cols(),
+        gaps in prop::array::uniform2(prop_oneof![3 => Just(0usize), 1 => Just(4usize), 2 => 1usize..7]),
+        offs in prop::array::uniform2(prop_oneof![3 => Just(0usize), 1 => 1usize..4]),
+        seed in any::<u64>(),
+        scale in prop::sample::select(vec![0.01f32, 1.0, 4.0, 30.0]),
+    ) -> PoolCase {
+        // At most 2^18 elements of x: fewer sequences of wide rows.
+        let per_seq = (seq * cols).max(1);
+        let batch = batch.min(((1usize << 18) / per_seq).max(1));
+        let seq = seq.min(((1usize << 18) / (batch.max(1) * cols.max(1))).max(1));
+        let lengths = bit_patterns(batch, seed ^ 0x1e)
+            .iter()
+            .enumerate()
+            // Every other case has a full-length sequence first.
+            .map(|(b, &r)| if b == 0 && seed % 2 == 0 { seq } else { 1 + r as usize % seq })
+            .collect();
+        PoolCase { batch, seq, cols, lengths, gaps, offs, seed, scale }
+    }
+}
+
+/// The bound of [`mean_rows`](ops::mean_rows) for one output: `len` terms summed in f32 in
+/// order (within `γ_{len−1}·Σ|x|`), one division (a relative `u`, applied to the rounded sum:
+/// `γ_{len−1}(1 + u) <= γ_len`), so `|y − ref| <= γ_len·Σ|x|/len + u·|ref|`; times 1.01 for
+/// the f64 reference's own rounding, plus `2⁻¹⁴⁹` for a subnormal quotient.
+fn mean_rows_tol(len: usize, sum_abs: f64, want: f64) -> f64 {
+    1.01 * (gamma(len) * sum_abs / len as f64 + U * want.abs()) + SUB
+}
+
+/// x for a pooling case: random values in the counted rows, NaN in the rows past each
+/// sequence's length (never read: a NaN there would reach the output).
+fn pool_input(p: &PoolCase) -> (Mat, Vec<f64>, Vec<f64>) {
+    let (seq, cols) = (p.seq, p.cols);
+    let mut v = values(p.batch * seq * cols, p.seed, p.scale);
+    let mut want = vec![0.0f64; p.batch * cols];
+    let mut sum_abs = vec![0.0f64; p.batch * cols];
+    for (b, &len) in p.lengths.iter().enumerate() {
+        for r in 0..seq {
+            for c in 0..cols {
+                let i = (b * seq + r) * cols + c;
+                if r < len {
+                    want[b * cols + c] += f64::from(v[i]);
+                    sum_abs[b * cols + c] += f64::from(v[i]).abs();
+                } else {
+                    v[i] = f32::NAN;
+                }
+            }
+        }
+        for c in 0..cols {
+            want[b * cols + c] /= len as f64;
+        }
+    }
+    let x = Mat::new(p.batch * seq, cols, p.gaps[0], p.offs[0], &v);
+    (x, want, sum_abs)
+}
+
+fn check_mean_rows(dev: &Device, p: &PoolCase) -> Result<(), TestCaseError> {
+    let (x, want, sum_abs) = pool_input(p);
+    let o = Mat::new(
+        p.batch,
+        p.cols,
+        p.gaps[1],
+        p.offs[1],
+        &vec![0.0; p.batch * p.cols],
+    );
+    let xb = x.upload(dev)?;
+    let mut ob = o.poisoned(dev)?;
+    gpu(ops::mean_rows(
+        dev,
+        x.shape(),
+        &xb.slice(x.range()),
+        p.seq,
+        &p.lengths,
+        o.shape(),
+        &mut ob.slice_mut(o.range()),
+    ))?;
+    gpu(dev.synchronize())?;
+    let got = gpu(dev.download(&ob))?;
+    prop_assert!(o.outside_holds(&got, POISON), "mean_rows wrote outside out");
+    let cols = p.cols.max(1);
+    check("mean_rows", &o.dense(&got), &want, |i| {
+        mean_rows_tol(p.lengths[i / cols], sum_abs[i], want[i])
+    })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+    #[test]
+    fn narrow_is_bit_identical_to_half(c in case(), bf in any::<bool>()) {
+        let Some(dev) = test_device() else { return Ok(()) };
+        if bf {
+            check_narrow::<bf16>(dev, &c)?;
+        } else {
+            check_narrow::<f16>(dev, &c)?;
+        }
+    }
+
+    #[test]
+    fn mean_rows_matches_reference(p in pool_case()) {
+        let Some(dev) = test_device() else { return Ok(()) };
+        check_mean_rows(dev, &p)?;
+    }
+}
+
+// ---------------------------------------------------------------------------------------
 // Special rows and values, in every row-kernel variant.
 
 /// One width per row-kernel variant (w8, w32, b128, b512, loop), each with a partial float4
@@ -1061,6 +1357,244 @@ fn many_rows_in_every_variant() {
     }
 }
 
+/// Every special value in rows that take the float4 path (contiguous and with padding) and
+/// the scalar path (out off its 8-byte boundary, x off its 16-byte one, leading dimensions
+/// not multiples of 4), for both types.
+#[test]
+fn narrow_special_values_in_both_paths() {
+    let Some(dev) = test_device() else { return };
+    let sp = narrow_specials();
+    // 4 rows of 4·k + 3 columns, row r the specials rotated by r: each special lands in the
+    // four lanes of a float4 chunk (in different rows), and rows end in a partial chunk.
+    let (rows, cols) = (4, 4 * sp.len().div_ceil(4) + 3);
+    let mut v = Vec::with_capacity(rows * cols);
+    for r in 0..rows {
+        v.extend((0..cols).map(|c| sp[(c + r) % sp.len()]));
+    }
+    for (gaps, offs) in [
+        ([0, 0, 0], [0, 0, 0]),
+        ([1, 0, 1], [0, 0, 0]),
+        ([5, 0, 9], [0, 0, 0]),
+        ([1, 0, 1], [0, 0, 1]),
+        ([1, 0, 1], [1, 0, 0]),
+        ([2, 0, 3], [2, 0, 0]),
+        ([0, 0, 0], [3, 0, 2]),
+    ] {
+        let c = Case {
+            rows,
+            cols,
+            gaps,
+            offs,
+            seed: 0,
+            scale: 1.0,
+        };
+        let x = c.mat(0, &v);
+        let o = c.out();
+        let xb = must(x.upload(dev));
+        let mut oh = must(gpu(dev.upload(&vec![f16::from_bits(0x7c01); o.data.len()])));
+        let mut ob = must(gpu(dev.upload(&vec![bf16::from_bits(0x7f81); o.data.len()])));
+        ops::narrow(
+            dev,
+            x.shape(),
+            &xb.slice(x.range()),
+            o.shape(),
+            &mut oh.slice_mut(o.range()),
+        )
+        .unwrap();
+        ops::narrow(
+            dev,
+            x.shape(),
+            &xb.slice(x.range()),
+            o.shape(),
+            &mut ob.slice_mut(o.range()),
+        )
+        .unwrap();
+        let gh = dev.download(&oh).unwrap();
+        let gb = dev.download(&ob).unwrap();
+        for i in 0..o.data.len() {
+            if !o.is_elem(i) {
+                assert_eq!(gh[i].to_bits(), 0x7c01, "{gaps:?} {offs:?}: f16 guard {i}");
+                assert_eq!(gb[i].to_bits(), 0x7f81, "{gaps:?} {offs:?}: bf16 guard {i}");
+            }
+        }
+        for r in 0..rows {
+            for col in 0..cols {
+                let (val, i) = (v[r * cols + col], o.off + r * o.ld + col);
+                assert_eq!(
+                    gh[i].to_bits(),
+                    f16::from_f32(val).to_bits(),
+                    "{gaps:?} {offs:?}: f16 of {val:e} ({:#010x})",
+                    val.to_bits()
+                );
+                assert_eq!(
+                    gb[i].to_bits(),
+                    bf16::from_f32(val).to_bits(),
+                    "{gaps:?} {offs:?}: bf16 of {val:e} ({:#010x})",
+                    val.to_bits()
+                );
+            }
+        }
+    }
+}
+
+/// More sequences than the grid's y limit (the kernel steps over them), a NaN and infinities
+/// in counted rows (they propagate), and the refusals of both launchers (nothing written).
+#[test]
+fn mean_rows_many_sequences_and_refusals() {
+    let Some(dev) = test_device() else { return };
+    let (batch, seq, cols) = (70_001usize, 2usize, 3usize);
+    let v = values(batch * seq * cols, 11, 2.0);
+    let lengths: Vec<usize> = (0..batch).map(|b| 1 + b % 2).collect();
+    let x = Mat::new(batch * seq, cols, 1, 1, &v);
+    let o = Mat::new(batch, cols, 0, 0, &vec![0.0; batch * cols]);
+    let xb = must(x.upload(dev));
+    let mut ob = must(o.poisoned(dev));
+    ops::mean_rows(
+        dev,
+        x.shape(),
+        &xb.slice(x.range()),
+        seq,
+        &lengths,
+        o.shape(),
+        &mut ob.slice_mut(o.range()),
+    )
+    .unwrap();
+    let got = o.dense(&dev.download(&ob).unwrap());
+    for b in 0..batch {
+        for c in 0..cols {
+            let (a, z) = (v[2 * b * cols + c], v[(2 * b + 1) * cols + c]);
+            let want = if lengths[b] == 1 { a } else { (a + z) / 2.0 };
+            assert_eq!(got[b * cols + c].to_bits(), want.to_bits(), "[{b}, {c}]");
+        }
+    }
+    // Special values in counted rows.
+    let x = Mat::new(
+        4,
+        2,
+        0,
+        0,
+        &[
+            f32::NAN,
+            1.0,
+            2.0,
+            f32::INFINITY,
+            f32::INFINITY,
+            1.0,
+            f32::NEG_INFINITY,
+            3.0,
+        ],
+    );
+    let xb = must(x.upload(dev));
+    let o = Mat::new(2, 2, 0, 0, &[0.0; 4]);
+    let mut ob = must(o.poisoned(dev));
+    ops::mean_rows(
+        dev,
+        x.shape(),
+        &xb.slice(x.range()),
+        2,
+        &[2, 2],
+        o.shape(),
+        &mut ob.slice_mut(o.range()),
+    )
+    .unwrap();
+    let got = o.dense(&dev.download(&ob).unwrap());
+    assert!(got[0].is_nan() && got[0].to_bits() != POISON, "{got:?}");
+    assert_eq!(got[1], f32::INFINITY, "{got:?}");
+    assert!(got[2].is_nan() && got[2].to_bits() != POISON, "{got:?}");
+    assert_eq!(got[3], 2.0, "{got:?}");
+    // Refusals: nothing is launched or written.
+    let mut out = dev.upload(&[-1.0f32; 8]).unwrap();
+    let r = ops::mean_rows(
+        dev,
+        DevMat::dense(4, 2),
+        &xb,
+        2,
+        &[2, 0],
+        DevMat::dense(2, 2),
+        &mut out,
+    );
+    match r {
+        Err(Error::Invalid(CoreError::InvalidArgument(msg))) => {
+            assert!(msg.contains("lengths[1] = 0"), "{msg}")
+        }
+        other => panic!("{other:?}"),
+    }
+    let r = ops::mean_rows(
+        dev,
+        DevMat::dense(4, 2),
+        &xb,
+        4,
+        &[2, 2],
+        DevMat::dense(2, 2),
+        &mut out,
+    );
+    assert!(
+        matches!(r, Err(Error::Invalid(CoreError::ShapeMismatch { .. }))),
+        "{r:?}"
+    );
+    let mut same = dev.upload(&[0.0f32; 8]).unwrap();
+    let r = ops::narrow::<f32>(
+        dev,
+        DevMat::dense(2, 4),
+        &xb,
+        DevMat::dense(2, 4),
+        &mut same,
+    );
+    assert!(matches!(r, Err(Error::Unsupported(_))), "{r:?}");
+    let mut half_out = dev.upload(&[f16::from_bits(0x7c01); 8]).unwrap();
+    let r = ops::narrow(
+        dev,
+        DevMat::dense(2, 4),
+        &xb,
+        DevMat::new(2, 3, 4),
+        &mut half_out,
+    );
+    assert!(
+        matches!(r, Err(Error::Invalid(CoreError::ShapeMismatch { .. }))),
+        "{r:?}"
+    );
+    dev.synchronize().unwrap();
+    assert!(dev.download(&out).unwrap().iter().all(|&v| v == -1.0));
+    assert!(dev.download(&same).unwrap().iter().all(|&v| v == 0.0));
+    assert!(
+        dev.download(&half_out)
+            .unwrap()
+            .iter()
+            .all(|v| v.to_bits() == 0x7c01)
+    );
+    // Empty: no sequences, or no columns, launch nothing and succeed.
+    ops::mean_rows(
+        dev,
+        DevMat::dense(0, 2),
+        &xb,
+        2,
+        &[],
+        DevMat::dense(0, 2),
+        &mut out,
+    )
+    .unwrap();
+    ops::mean_rows(
+        dev,
+        DevMat::new(4, 0, 2),
+        &xb,
+        2,
+        &[1, 2],
+        DevMat::new(2, 0, 2),
+        &mut out,
+    )
+    .unwrap();
+    ops::narrow(
+        dev,
+        DevMat::new(3, 0, 4),
+        &xb,
+        DevMat::new(3, 0, 1),
+        &mut half_out,
+    )
+    .unwrap();
+    dev.synchronize().unwrap();
+    assert!(dev.download(&out).unwrap().iter().all(|&v| v == -1.0));
+}
+
 // ---------------------------------------------------------------------------------------
 // Host-only: every validation error (no device needed).
 
@@ -1238,6 +1772,197 @@ fn validation_refuses_bad_input() {
     assert!(reference::layer_norm(MatRef::dense(&x, 3, 4), &[0.0; 3], &[0.0; 4], 1e-5).is_err());
 }
 
+#[test]
+fn narrow_and_mean_rows_validation_accepts_good_and_empty_input() {
+    let m = DevMat::new(3, 4, 6);
+    ops::validate_narrow(m, 16, DevMat::dense(3, 4), 12).unwrap();
+    ops::validate_narrow(DevMat::dense(3, 4), 12, m, 16).unwrap();
+    ops::validate_narrow(DevMat::new(0, 4, 4), 0, DevMat::new(0, 4, 8), 0).unwrap();
+    ops::validate_narrow(DevMat::new(3, 0, 1), 0, DevMat::new(3, 0, 0), 0).unwrap();
+    assert_eq!(
+        ops::narrow_kernel(tessera_core::DType::F16).unwrap(),
+        "ops_narrow_f16"
+    );
+    assert_eq!(
+        ops::narrow_kernel(tessera_core::DType::BF16).unwrap(),
+        "ops_narrow_bf16"
+    );
+    // 2 sequences of 3 rows, out with its own leading dimension.
+    let x = DevMat::new(6, 4, 5);
+    ops::validate_mean_rows(x, 29, 3, &[3, 1], DevMat::new(2, 4, 7), 11).unwrap();
+    ops::validate_mean_rows(x, 29, 3, &[1, 2], DevMat::dense(2, 4), 8).unwrap();
+    // Empty: no sequences (any seq), no columns.
+    ops::validate_mean_rows(DevMat::dense(0, 4), 0, 7, &[], DevMat::dense(0, 4), 0).unwrap();
+    ops::validate_mean_rows(DevMat::dense(0, 4), 0, 0, &[], DevMat::dense(0, 4), 0).unwrap();
+    ops::validate_mean_rows(DevMat::new(6, 0, 0), 0, 3, &[3, 3], DevMat::dense(2, 0), 0).unwrap();
+}
+
+#[test]
+fn narrow_and_mean_rows_validation_refuses_bad_input() {
+    let good = DevMat::dense(3, 4);
+    // narrow: an f32 target, short buffers, ld below the row, shapes that disagree, sizes
+    // beyond the kernels' int.
+    match ops::narrow_kernel(tessera_core::DType::F32) {
+        Err(Error::Unsupported(msg)) => assert!(msg.contains("f16 or bf16"), "{msg}"),
+        other => panic!("{other:?}"),
+    }
+    err!(
+        ops::validate_narrow(good, 11, good, 12),
+        CoreError::SliceTooShort {
+            name: "x",
+            needed: 12,
+            actual: 11,
+            ..
+        }
+    );
+    err!(
+        ops::validate_narrow(good, 12, DevMat::new(3, 4, 8), 19),
+        CoreError::SliceTooShort {
+            name: "out",
+            needed: 20,
+            ..
+        }
+    );
+    err!(
+        ops::validate_narrow(DevMat::new(3, 4, 3), 12, good, 12),
+        CoreError::LeadingDimension {
+            name: "x",
+            ld: 3,
+            cols: 4
+        }
+    );
+    err!(
+        ops::validate_narrow(good, 12, DevMat::new(3, 4, 2), 12),
+        CoreError::LeadingDimension { name: "out", .. }
+    );
+    err!(
+        ops::validate_narrow(good, 12, DevMat::dense(4, 3), 12),
+        CoreError::ShapeMismatch { .. }
+    );
+    err!(
+        ops::validate_narrow(good, 12, DevMat::dense(2, 4), 12),
+        CoreError::ShapeMismatch { .. }
+    );
+    err!(
+        ops::validate_narrow(
+            DevMat::new(usize::MAX, 4, usize::MAX / 2),
+            usize::MAX,
+            good,
+            12
+        ),
+        CoreError::Overflow { .. }
+    );
+    let wide = DevMat::dense(1, 1 << 31);
+    err!(
+        ops::validate_narrow(wide, 1 << 31, wide, 1 << 31),
+        CoreError::Overflow { .. }
+    );
+    err!(
+        ops::validate_narrow(
+            DevMat::dense(2, 4),
+            8,
+            DevMat::new(2, 4, 1 << 31),
+            (1 << 31) + 4
+        ),
+        CoreError::Overflow { .. }
+    );
+    // mean_rows: short buffers, ld below the row, rows of x != seq·batch, rows of out !=
+    // batch, columns that disagree, a length of 0 or above seq, overflowing and int-sized
+    // dimensions.
+    let x = DevMat::dense(6, 4);
+    let out = DevMat::dense(2, 4);
+    err!(
+        ops::validate_mean_rows(x, 23, 3, &[3, 3], out, 8),
+        CoreError::SliceTooShort {
+            name: "x",
+            needed: 24,
+            actual: 23,
+            ..
+        }
+    );
+    err!(
+        ops::validate_mean_rows(x, 24, 3, &[3, 3], out, 7),
+        CoreError::SliceTooShort { name: "out", .. }
+    );
+    err!(
+        ops::validate_mean_rows(DevMat::new(6, 4, 3), 24, 3, &[3, 3], out, 8),
+        CoreError::LeadingDimension { name: "x", .. }
+    );
+    err!(
+        ops::validate_mean_rows(x, 24, 3, &[3, 3], DevMat::new(2, 4, 1), 8),
+        CoreError::LeadingDimension { name: "out", .. }
+    );
+    err!(
+        ops::validate_mean_rows(x, 24, 2, &[2, 2], out, 8),
+        CoreError::ShapeMismatch { .. }
+    );
+    err!(
+        ops::validate_mean_rows(x, 24, 3, &[3, 3, 3], DevMat::dense(3, 4), 12),
+        CoreError::ShapeMismatch { .. }
+    );
+    err!(
+        ops::validate_mean_rows(x, 24, 6, &[3], out, 8),
+        CoreError::ShapeMismatch { .. }
+    );
+    err!(
+        ops::validate_mean_rows(x, 24, 3, &[3, 3], DevMat::dense(2, 3), 6),
+        CoreError::ShapeMismatch { .. }
+    );
+    err!(
+        ops::validate_mean_rows(x, 24, 3, &[3, 3], DevMat::dense(3, 4), 12),
+        CoreError::ShapeMismatch { .. }
+    );
+    match ops::validate_mean_rows(x, 24, 3, &[3, 0], out, 8) {
+        Err(Error::Invalid(CoreError::InvalidArgument(msg))) => {
+            assert!(msg.contains("lengths[1] = 0"), "{msg}")
+        }
+        other => panic!("{other:?}"),
+    }
+    match ops::validate_mean_rows(x, 24, 3, &[4, 3], out, 8) {
+        Err(Error::Invalid(CoreError::InvalidArgument(msg))) => {
+            assert!(
+                msg.contains("lengths[0] = 4") && msg.contains("1..=3"),
+                "{msg}"
+            )
+        }
+        other => panic!("{other:?}"),
+    }
+    err!(
+        ops::validate_mean_rows(
+            DevMat::dense(0, 4),
+            0,
+            usize::MAX,
+            &[1, 1],
+            DevMat::dense(2, 4),
+            8
+        ),
+        CoreError::Overflow { .. }
+    );
+    let big = 1usize << 31;
+    err!(
+        ops::validate_mean_rows(
+            DevMat::dense(big, 1),
+            big,
+            big / 2,
+            &[1, 1],
+            DevMat::dense(2, 1),
+            2
+        ),
+        CoreError::Overflow { .. }
+    );
+    err!(
+        ops::validate_mean_rows(
+            DevMat::dense(2, big),
+            2 * big,
+            1,
+            &[1, 1],
+            DevMat::dense(2, big),
+            2 * big
+        ),
+        CoreError::Overflow { .. }
+    );
+}
+
 // ---------------------------------------------------------------------------------------
 // Host-only: the test harness itself. The kernels' formulas evaluated in f32 on the host
 // (with the host's `exp` / `tanh` and a correctly rounded `erfc` standing in for the CUDA
@@ -1375,4 +2100,56 @@ fn harness_finds_the_logical_elements() {
     assert!(check("t", &[1.0, 2.25, f32::NAN], &[1.0, 2.0, f64::NAN], |_| 0.25).is_ok());
     assert!(exact("t", &[0.1], &[0.1]).is_ok());
     assert!(exact("t", &[0.1f32.next_up()], &[0.1]).is_err());
+}
+
+/// The kernel's NaN rule (cvt.rn would give the canonical 0x7fff) in f32 bits on the host,
+/// for both types: it must give `half`'s bits for every NaN (both signs, every payload bit
+/// pattern of a sample that includes each single bit and the extremes).
+#[test]
+fn host_emulation_of_the_narrow_nan_rule() {
+    let f16_nan = |x: u32| (((x >> 16) & 0x8000) | 0x7e00 | ((x >> 13) & 0x3ff)) as u16;
+    let bf16_nan = |x: u32| ((x >> 16) | 0x40) as u16;
+    let mut payloads: Vec<u32> = (0..23).map(|b| 1u32 << b).collect();
+    payloads.extend([0x7f_ffff, 0x40_0000 | 1, 0x1fff, 0x2000, 0xffff, 0x1_0000]);
+    payloads.extend((1..0x80_0000).step_by(997));
+    for sign in [0u32, 0x8000_0000] {
+        for &m in &payloads {
+            let x = sign | 0x7f80_0000 | m;
+            let v = f32::from_bits(x);
+            assert!(v.is_nan());
+            assert_eq!(f16_nan(x), f16::from_f32(v).to_bits(), "{x:#010x}");
+            assert_eq!(bf16_nan(x), bf16::from_f32(v).to_bits(), "{x:#010x}");
+            assert!(f16::from_bits(f16_nan(x)).is_nan() && bf16::from_bits(bf16_nan(x)).is_nan());
+        }
+    }
+    // The poison patterns are never a conversion's result.
+    for v in narrow_input(100_000, 5, 3.0) {
+        assert_ne!(f16::from_f32(v).to_bits(), poison16::<f16>());
+        assert_ne!(bf16::from_f32(v).to_bits(), poison16::<bf16>());
+    }
+}
+
+/// mean_rows' algorithm (sequential f32 sum, one division) on the host meets its tolerance,
+/// including sums with heavy cancellation and long sequences.
+#[test]
+fn host_emulation_of_mean_rows_meets_the_tolerance() {
+    for (seed, len, scale, offset) in [
+        (1u64, 1usize, 1.0f32, 0.0f32),
+        (2, 7, 30.0, 0.0),
+        (3, 128, 4.0, 1000.0),
+        (4, 512, 0.01, 0.0),
+        (5, 4096, 1.0, -3.0),
+    ] {
+        let v: Vec<f32> = values(len, seed, scale)
+            .iter()
+            .map(|x| x + offset)
+            .collect();
+        let s = v.iter().fold(0.0f32, |s, &x| s + x);
+        let got = s / len as f32;
+        let want = v.iter().map(|&x| f64::from(x)).sum::<f64>() / len as f64;
+        let sum_abs: f64 = v.iter().map(|&x| f64::from(x).abs()).sum();
+        must(check("host mean_rows", &[got], &[want], |_| {
+            mean_rows_tol(len, sum_abs, want)
+        }));
+    }
 }

@@ -1,0 +1,162 @@
+//! End to end on the GPU: the BERT, GPT-2 and T5 fixtures of `tests/models.rs` on the CUDA
+//! backend (`--features cuda`), against the same `transformers` references.
+//!
+//! * f32 checkpoints: every output within [`F16_COMPUTE_TOL`] (1e-3 relative). Attention runs
+//!   on f16 Q/K/V, and the linears on the split f16 weights of [`tessera::backend::Cuda`].
+//! * f16, bf16 and quantized weights: within the CPU's bounds for the format
+//!   ([`common::lossy_bound`]), and within [`F16_COMPUTE_TOL`] of the CPU backend's run with
+//!   the same weights (what the GPU adds is its f16 activations, not another weight rounding).
+//! * Greedy generation through the paged device KV cache (f32 and f16 storage): the same ids as
+//!   `transformers`.
+//! * `tessera run --backend cuda` writes outputs that match.
+//!
+//! Without a GPU every test prints one line saying why and passes as skipped
+//! ([`tessera_cuda::test_device`]); the CLI test then checks that the command fails with that
+//! reason instead of panicking.
+
+mod common;
+
+use common::{Reference, compare, fixture_dirs, fixtures, lossy_bound, rel_err};
+use tessera::backend::{Cpu, Cuda, KvDType, WeightDType};
+use tessera::loader::Checkpoint;
+use tessera::models::{GenerateOptions, LoadOptions, Model};
+use tessera_cuda::test_device;
+
+/// The bound for f32 checkpoints computed in f16 on the GPU.
+const F16_COMPUTE_TOL: f64 = 1e-3;
+
+fn gpu() -> Option<Cuda<'static>> {
+    test_device().map(Cuda::new)
+}
+
+fn name_of(dir: &std::path::Path) -> String {
+    dir.file_name().unwrap().to_string_lossy().to_string()
+}
+
+#[test]
+fn f32_checkpoints_match_transformers() {
+    let Some(be) = gpu() else { return };
+    for dir in fixture_dirs() {
+        let name = name_of(&dir);
+        let reference = Reference::open(&dir);
+        let ours = common::outputs(&be, &dir, &reference, WeightDType::F32);
+        let worst = compare(&format!("cuda {name}"), &ours, &reference);
+        assert!(
+            worst <= F16_COMPUTE_TOL,
+            "cuda {name}: relative error {worst:.3e} > {F16_COMPUTE_TOL:e}"
+        );
+    }
+}
+
+#[test]
+fn reduced_precision_and_quantized_weights_match_the_cpu() {
+    let Some(be) = gpu() else { return };
+    let cpu = Cpu::default();
+    for dir in fixture_dirs() {
+        let name = name_of(&dir);
+        let reference = Reference::open(&dir);
+        for dtype in [
+            WeightDType::F16,
+            WeightDType::BF16,
+            WeightDType::Q8_0,
+            WeightDType::Q4_0,
+            WeightDType::Q4_K,
+        ] {
+            let label = format!("cuda {name} {}", dtype.name());
+            let ours = common::outputs(&be, &dir, &reference, dtype);
+            let worst = compare(&label, &ours, &reference);
+            let bound = lossy_bound(dtype);
+            assert!(worst <= bound, "{label}: {worst:.3e} > {bound:.3e}");
+            // The same weights on the CPU: the GPU's extra error is its f16 activations.
+            let theirs = common::outputs(&cpu, &dir, &reference, dtype);
+            for (o, c) in ours.iter().zip(&theirs) {
+                assert_eq!(o.name, c.name);
+                let e = rel_err(&o.data, &c.data);
+                println!("{label}: {:<26} vs cpu {e:.3e}", o.name);
+                assert!(
+                    e <= F16_COMPUTE_TOL,
+                    "{label}: {} differs from the CPU's by {e:.3e}",
+                    o.name
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn greedy_generation_matches_transformers() {
+    let Some(be) = gpu() else { return };
+    let mut checked = 0;
+    for dir in fixture_dirs() {
+        let name = name_of(&dir);
+        let reference = Reference::open(&dir);
+        if !reference.has("generated_ids") {
+            continue;
+        }
+        let expected = reference.generated();
+        let n = reference.i64("generated_ids").0[1];
+        let ckpt = Checkpoint::open(&dir).unwrap();
+        let model = Model::load(&ckpt, &be, &LoadOptions::default()).unwrap();
+        let batch = reference.batch("input_ids", Some("attention_mask"));
+        for kv in [KvDType::F32, KvDType::F16] {
+            let mut opts = GenerateOptions::new(n);
+            opts.kv_dtype = kv;
+            opts.block_size = 4; // several pages per sequence even for short prompts
+            let got = match &model {
+                Model::Gpt2(m) => m.generate(&be, &batch, &opts).unwrap(),
+                Model::T5(m) => m.generate(&be, &batch, &opts).unwrap(),
+                Model::Bert(_) => panic!("{name}: BERT fixture with generated_ids"),
+            };
+            assert_eq!(got, expected, "cuda {name}: generated ids ({kv:?} cache)");
+        }
+        checked += 1;
+    }
+    assert!(checked >= 4, "only {checked} fixtures had generated ids");
+}
+
+/// `tessera run --backend cuda`: with a GPU, the written logits and ids match the reference;
+/// without one, the command fails with the reason (a clean error, not a panic).
+#[test]
+fn cli_run_on_cuda() {
+    let dir = fixtures().join("gpt2-a");
+    let reference = Reference::open(&dir);
+    let batch = reference.batch("input_ids", Some("attention_mask"));
+    let ids = batch
+        .seqs
+        .iter()
+        .map(|s| s.iter().map(u32::to_string).collect::<Vec<_>>().join(","))
+        .collect::<Vec<_>>()
+        .join(";");
+    let n = reference.i64("generated_ids").0[1];
+    let out = std::env::temp_dir().join(format!(
+        "tessera-cli-cuda-{}.safetensors",
+        std::process::id()
+    ));
+    let result = std::process::Command::new(env!("CARGO_BIN_EXE_tessera"))
+        .args(["run", "--backend", "cuda", "--model"])
+        .arg(&dir)
+        .args(["--ids", &ids, "--generate", &n.to_string(), "--out"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&result.stderr);
+    if test_device().is_none() {
+        assert!(!result.status.success(), "ran without a GPU?");
+        assert!(
+            stderr.contains("cuda:") && !stderr.contains("panicked"),
+            "expected a CUDA error, got: {stderr}"
+        );
+        return;
+    }
+    assert!(result.status.success(), "tessera run failed: {stderr}");
+    let written = Reference {
+        bytes: std::fs::read(&out).unwrap(),
+    };
+    std::fs::remove_file(&out).ok();
+    let (shape, logits) = written.f32("logits");
+    let (rshape, rlogits) = reference.f32("logits");
+    assert_eq!(shape, rshape);
+    let e = rel_err(&logits, &rlogits);
+    assert!(e <= F16_COMPUTE_TOL, "logits: relative error {e:.3e}");
+    assert_eq!(written.generated(), reference.generated());
+}
