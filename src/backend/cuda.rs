@@ -212,7 +212,8 @@ impl<'d> Backend for Cuda<'d> {
         let (dtype, data) = match dtype.for_width(k) {
             // No f32 GEMM on the GPU: two f16 terms (module docs).
             WeightDType::F32 => {
-                let hi: Vec<f16> = data.iter().map(|&x| f16::from_f32(x)).collect();
+                let (hi, lo): (Vec<f16>, Vec<f16>) =
+                    data.iter().map(|&x| ops::split_f16_value(x)).unzip();
                 if let Some(x) = data
                     .iter()
                     .zip(&hi)
@@ -223,11 +224,6 @@ impl<'d> Backend for Cuda<'d> {
                          f32 weights (two f16 terms) hold; store this model as bf16"
                     )));
                 }
-                let lo: Vec<f16> = data
-                    .iter()
-                    .zip(&hi)
-                    .map(|(&x, h)| f16::from_f32((x - h.to_f32()) * SPLIT_SCALE))
-                    .collect();
                 let (hi, lo) = (dev.upload(&hi)?, dev.upload(&lo)?);
                 (WeightDType::F32, WeightData::Split { hi, lo })
             }

@@ -857,6 +857,16 @@ pub fn narrow<T: Element>(
 /// term, at most half an f16 ulp of `x`, is again of `x`'s magnitude and stays a normal f16).
 pub const SPLIT_SCALE: f32 = 2048.0;
 
+/// [`split_f16`] of one value on the host (the kernel's results bit for bit, NaN payloads
+/// aside: a NaN `lo` may carry other payload bits): `(hi, lo)` with `x ≈ hi + lo / SPLIT_SCALE`.
+/// For weights split once on the host.
+pub fn split_f16_value(x: f32) -> (f16, f16) {
+    let hi = f16::from_f32(x);
+    // Exact: hi is x rounded to 11 significant bits, and the scale is a power of two.
+    let lo = f16::from_f32((x - hi.to_f32()) * SPLIT_SCALE);
+    (hi, lo)
+}
+
 /// `x` as two f16 terms, `x ≈ hi + lo / SPLIT_SCALE`: `hi` is `x` narrowed as [`narrow`] does,
 /// `lo` is `(x − hi)·SPLIT_SCALE` narrowed the same way (the difference and the scaling are
 /// exact in f32). Together they hold `x` to about 2⁻²² relative (the dropped part is the

@@ -937,6 +937,81 @@ fn check_narrow<T: Element + DeviceRepr>(dev: &Device, c: &Case) -> Result<(), T
     Ok(())
 }
 
+/// [`ops::split_f16`] of a `Case`'s matrix (geometry as in [`check_narrow`], `hi` and `lo`
+/// sharing out's): every logical `hi` bit-identical to `f16::from_f32`, every `lo` to
+/// [`ops::split_f16_value`]'s (NaN: any NaN), everything else still the poison, x unchanged.
+fn check_split(dev: &Device, c: &Case) -> Result<(), TestCaseError> {
+    let xv = narrow_input(c.n(), c.seed, c.scale);
+    let x = c.mat(0, &xv);
+    let o = c.out();
+    let poison = poison16::<f16>();
+    let xb = x.upload(dev)?;
+    let fill = vec![bytemuck::cast::<u16, f16>(poison); o.data.len()];
+    let mut hb = gpu(dev.upload(&fill))?;
+    let mut lb = gpu(dev.upload(&fill))?;
+    gpu(ops::split_f16(
+        dev,
+        x.shape(),
+        &xb.slice(x.range()),
+        o.shape(),
+        &mut hb.slice_mut(o.range()),
+        &mut lb.slice_mut(o.range()),
+    ))?;
+    gpu(dev.synchronize())?;
+    let hi: Vec<u16> = gpu(dev.download(&hb))?.into_iter().map(bits16).collect();
+    let lo: Vec<u16> = gpu(dev.download(&lb))?.into_iter().map(bits16).collect();
+    for i in 0..o.data.len() {
+        if !o.is_elem(i) {
+            prop_assert_eq!(hi[i], poison, "split wrote outside hi at {}", i);
+            prop_assert_eq!(lo[i], poison, "split wrote outside lo at {}", i);
+        }
+    }
+    for r in 0..if c.cols == 0 { 0 } else { c.rows } {
+        for col in 0..c.cols {
+            let v = xv[r * c.cols + col];
+            let (want_hi, want_lo) = ops::split_f16_value(v);
+            let at = o.off + r * o.ld + col;
+            prop_assert!(
+                hi[at] == bits16(want_hi),
+                "split hi [{}, {}] = {:e}: got {:#06x} want {:#06x}",
+                r,
+                col,
+                v,
+                hi[at],
+                bits16(want_hi)
+            );
+            let got_lo = bytemuck::cast::<u16, f16>(lo[at]);
+            if want_lo.is_nan() {
+                prop_assert!(
+                    got_lo.is_nan() && lo[at] != poison,
+                    "split lo of {:e}: {:#06x}",
+                    v,
+                    lo[at]
+                );
+            } else {
+                prop_assert!(
+                    lo[at] == bits16(want_lo),
+                    "split lo [{}, {}] = {:e}: got {:#06x} want {:#06x}",
+                    r,
+                    col,
+                    v,
+                    lo[at],
+                    bits16(want_lo)
+                );
+            }
+        }
+    }
+    prop_assert_eq!(
+        gpu(dev.download(&xb))?
+            .iter()
+            .map(|v| v.to_bits())
+            .collect::<Vec<_>>(),
+        x.data.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+        "split changed x"
+    );
+    Ok(())
+}
+
 /// A mean-pooling case: `batch` sequences of `seq` rows of `cols` columns, random lengths in
 /// `1..=seq`.
 #[derive(Debug, Clone)]
@@ -1050,6 +1125,12 @@ proptest! {
         } else {
             check_narrow::<f16>(dev, &c)?;
         }
+    }
+
+    #[test]
+    fn split_f16_matches_the_host_split(c in case()) {
+        let Some(dev) = test_device() else { return Ok(()) };
+        check_split(dev, &c)?;
     }
 
     #[test]
@@ -2152,4 +2233,33 @@ fn host_emulation_of_mean_rows_meets_the_tolerance() {
             mean_rows_tol(len, sum_abs, want)
         }));
     }
+}
+
+/// The split representation holds f32 to the documented precision: `|hi + lo/2048 − x| ≤
+/// 2⁻²²·|x| + 2⁻³⁶` (the rounding of `lo`, half an f16 ulp of `|x − hi| ≤ 2⁻¹¹·|x|`, or of an
+/// f16 subnormal), over magnitudes from f32 subnormals to just below f16's overflow; beyond
+/// it `hi` is infinite.
+#[test]
+fn split_f16_value_holds_f32_to_22_bits() {
+    let raw = values(200_000, 91, 1.0);
+    let mags = values(200_000, 92, 1.0);
+    let mut worst = 0.0f64;
+    for (&r, &m) in raw.iter().zip(&mags) {
+        // |x| from about 2^-40 to 2^15.9.
+        let x = (r * (2.0f32).powf(m.abs() * 56.0 - 40.0)).clamp(-65500.0, 65500.0);
+        let (hi, lo) = ops::split_f16_value(x);
+        assert!(hi.is_finite() && lo.is_finite(), "{x:e}");
+        let back = f64::from(hi.to_f32()) + f64::from(lo.to_f32()) / f64::from(ops::SPLIT_SCALE);
+        let err = (back - f64::from(x)).abs();
+        let bound = 2f64.powi(-22) * f64::from(x.abs()) + 2f64.powi(-36);
+        assert!(
+            err <= bound,
+            "{x:e}: hi {hi} lo {lo}: error {err:e} > {bound:e}"
+        );
+        worst = worst.max(err / f64::from(x.abs()).max(1e-30));
+    }
+    // The split does drop something: the check above is not vacuous.
+    assert!(worst > 2f64.powi(-24), "worst relative error {worst:e}");
+    let (hi, _) = ops::split_f16_value(70000.0);
+    assert!(hi.is_infinite());
 }
