@@ -132,7 +132,12 @@ fn cli_run_on_cuda() {
         "tessera-cli-cuda-{}.safetensors",
         std::process::id()
     ));
-    let result = std::process::Command::new(env!("CARGO_BIN_EXE_tessera"))
+    // A carried test binary finds the carried `tessera` through TESSERA_BIN.
+    let bin = std::env::var_os("TESSERA_BIN").map_or_else(
+        || env!("CARGO_BIN_EXE_tessera").into(),
+        std::path::PathBuf::from,
+    );
+    let result = std::process::Command::new(bin)
         .args(["run", "--backend", "cuda", "--model"])
         .arg(&dir)
         .args(["--ids", &ids, "--generate", &n.to_string(), "--out"])

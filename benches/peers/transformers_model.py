@@ -1,16 +1,22 @@
 #!/usr/bin/env python3
-"""The peer of `tessera bench model`: Hugging Face `transformers` (PyTorch, f32, CPU) running
-the same work as Tessera on the same checkpoint.
+"""The peer of `tessera bench model`: Hugging Face `transformers` (PyTorch; f32 on the CPU by
+default, or on a CUDA GPU in f32, f16 or bf16) running the same work as Tessera on the same
+checkpoint.
 
 One measurement, printed as one JSON line:
 
     transformers_model.py MODEL_DIR --task prefill|decode|encode --tokens N [--batch B]
                           [--threads T] [--reps R] [--warmup W] [--ids 1,2,...]
+                          [--device cpu|cuda] [--dtype f32|f16|bf16]
 
 or a server that keeps torch imported and the models loaded (what `tessera bench` runs):
 `transformers_model.py --serve` prints {"ready": true, ...} once imported, then answers each
 request line on stdin, a JSON object with the keys `model_dir`, `task`, `tokens`, `batch`,
-`threads`, `reps`, `warmup` and optionally `ids` (a list), with one JSON line, until EOF.
+`threads`, `reps`, `warmup` and optionally `ids` (a list), `device` (`cpu`, the default, or
+`cuda`) and `dtype` (`f32`, the default, `f16` or `bf16`), with one JSON line, until EOF.
+
+On `cuda` the model (loaded in `dtype`) and the inputs live on GPU 0, and every timed call is
+bracketed by `torch.cuda.synchronize()`, so it is timed until the GPU has finished it.
 
 Tasks:
 * prefill: `GPT2LMHeadModel(input_ids)` over B sequences of N tokens (logits at every
@@ -24,7 +30,8 @@ Tasks:
 
 The ids default to fixed-seed random ones. A result holds "seconds" (median seconds of the
 work), "tokens_per_s" (tokens / seconds), "reps", "samples", "torch", "transformers",
-"attn_implementation" and, for decode, "generated" (the N + 1 new ids of the last run); a
+"attn_implementation", "device", "dtype" (and on cuda "gpu", the device's name) and, for
+decode, "generated" (the N + 1 new ids of the last run); a
 failure is {"error": "..."} (exit status 2 in the one-shot form). A checkpoint with missing,
 unexpected or mismatched keys is a failure.
 """
@@ -37,6 +44,9 @@ import sys
 import time
 
 TASKS = ("prefill", "decode", "encode")
+DEVICES = ("cpu", "cuda")
+# Request dtype -> the torch dtype's attribute name.
+DTYPES = {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}
 
 
 class PeerError(Exception):
@@ -46,34 +56,43 @@ class PeerError(Exception):
 _models = {}
 
 
-def load(model_dir, task):
+def load(model_dir, task, device="cpu", dtype="f32"):
     import torch
     from transformers import AutoModel, AutoModelForCausalLM
 
     cls = AutoModel if task == "encode" else AutoModelForCausalLM
-    key = (os.path.abspath(model_dir), cls.__name__)
+    key = (os.path.abspath(model_dir), cls.__name__, device, dtype)
     if key not in _models:
-        model, info = cls.from_pretrained(model_dir, dtype=torch.float32, output_loading_info=True)
+        torch_dtype = getattr(torch, DTYPES[dtype])
+        model, info = cls.from_pretrained(model_dir, dtype=torch_dtype, output_loading_info=True)
         bad = {k: v for k, v in info.items() if v}
         if bad:
             raise PeerError(f"{model_dir}: the checkpoint does not match {type(model).__name__}: {bad}")
+        model = model.to(device)
         model.eval()
         _models[key] = model
     return _models[key]
 
 
-def measure(model_dir, task, tokens, batch=1, threads=1, reps=3, warmup=1, ids=None):
+def measure(model_dir, task, tokens, batch=1, threads=1, reps=3, warmup=1, ids=None, device="cpu", dtype="f32"):
     import torch
     import transformers
 
     if task not in TASKS:
         raise PeerError(f"unknown task {task!r} (known: {', '.join(TASKS)})")
+    if device not in DEVICES:
+        raise PeerError(f"unknown device {device!r} (known: {', '.join(DEVICES)})")
+    if dtype not in DTYPES:
+        raise PeerError(f"unknown dtype {dtype!r} (known: {', '.join(DTYPES)})")
     if tokens < 1 or batch < 1 or threads < 1 or reps < 1 or warmup < 0:
         raise PeerError("tokens, batch, threads and reps must be positive")
     if task == "decode" and batch != 1:
         raise PeerError("decode runs one sequence (batch 1)")
+    cuda = device == "cuda"
+    if cuda and not torch.cuda.is_available():
+        raise PeerError(f"torch {torch.__version__} sees no CUDA device")
     torch.set_num_threads(threads)
-    model = load(model_dir, task)
+    model = load(model_dir, task, device, dtype)
     cfg = model.config
     n = batch * tokens
     if ids is not None:
@@ -83,11 +102,18 @@ def measure(model_dir, task, tokens, batch=1, threads=1, reps=3, warmup=1, ids=N
     else:
         g = torch.Generator().manual_seed(0)
         ids = torch.randint(0, cfg.vocab_size, (batch, tokens), generator=g)
+    ids = ids.to(device)
     mask = torch.ones_like(ids)
 
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
     def timed(f):
+        sync()
         t0 = time.perf_counter()
         out = f()
+        sync()
         return time.perf_counter() - t0, out
 
     extra = {}
@@ -129,6 +155,8 @@ def measure(model_dir, task, tokens, batch=1, threads=1, reps=3, warmup=1, ids=N
                 raise PeerError(f"generate made {len(generated)} tokens, not {tokens + 1}")
             extra["generated"] = generated
             work_tokens = tokens
+    if cuda:
+        extra["gpu"] = torch.cuda.get_device_name()
     seconds = statistics.median(samples)
     return {
         "seconds": seconds,
@@ -138,6 +166,8 @@ def measure(model_dir, task, tokens, batch=1, threads=1, reps=3, warmup=1, ids=N
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "attn_implementation": getattr(cfg, "_attn_implementation", None),
+        "device": device,
+        "dtype": dtype,
         **extra,
     }
 
@@ -165,6 +195,8 @@ def serve():
                 reps=int(req.get("reps", 3)),
                 warmup=int(req.get("warmup", 1)),
                 ids=req.get("ids"),
+                device=req.get("device", "cpu"),
+                dtype=req.get("dtype", "f32"),
             )
         except Exception as e:  # reported to the caller, the server goes on
             res = {"error": f"{type(e).__name__}: {e}"}
@@ -182,6 +214,8 @@ def main():
     p.add_argument("--reps", type=int, default=3, help="timed repetitions")
     p.add_argument("--warmup", type=int, default=1, help="untimed repetitions first")
     p.add_argument("--ids", default=None, help="the batch x tokens input ids, comma-separated, row-major")
+    p.add_argument("--device", choices=DEVICES, default="cpu", help="where the model runs (cuda: GPU 0)")
+    p.add_argument("--dtype", choices=tuple(DTYPES), default="f32", help="the type the weights are loaded in")
     a = p.parse_args()
     if a.serve:
         serve()
@@ -197,7 +231,9 @@ def main():
         pass
     ids = [int(t) for t in a.ids.split(",")] if a.ids else None
     try:
-        res = measure(a.model_dir, a.task, a.tokens, a.batch, a.threads, a.reps, a.warmup, ids)
+        res = measure(
+            a.model_dir, a.task, a.tokens, a.batch, a.threads, a.reps, a.warmup, ids, device=a.device, dtype=a.dtype
+        )
     except PeerError as e:
         print(json.dumps({"error": str(e)}))
         sys.exit(2)

@@ -283,6 +283,9 @@ impl<'d> Backend for Cuda<'d> {
             )));
         }
         let bias = bias.map(|b| b.vector("linear bias", n)).transpose()?;
+        if m == 0 || n == 0 {
+            return Ok(());
+        }
         let args = GemmArgs {
             alpha,
             ..GemmArgs::dense(m, n, k, Transpose::Yes)

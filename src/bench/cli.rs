@@ -9,7 +9,8 @@ use tessera_cpu::Isa;
 /// Calibrate this machine, then time kernels against their peers on the roofline.
 #[derive(Debug, Clone, Args)]
 pub struct BenchArgs {
-    /// Families to run (all when none is given): gemm, quant, attention, model.
+    /// Families to run (all when none is given): gemm, quant, attention, model; with
+    /// `--backend cuda`: gemm, quant, attention, kv_cache, model.
     #[arg(value_name = "FAMILY")]
     pub families: Vec<String>,
     /// Thread counts, comma-separated [default: 1 and the number of cores].

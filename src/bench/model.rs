@@ -43,12 +43,13 @@
 //! thread count, and every storage type's row is compared with that one f32 measurement (the
 //! ratio column: above 1 means Tessera is faster). Its decode uses `min_new_tokens` so it
 //! never stops early. Without torch and transformers the rows carry no ratio and say so; the
-//! peer's stderr goes to `bench-models/peer.log`.
+//! peer's stderr goes to `bench-models/peer.log`. (The GPU family, `super::cuda_model`, asks
+//! the same server for runs on `cuda` with the rows' weight type.)
 
 use super::report::{CaseId, PeerTime, Row, Work};
 use super::timing::{Stats, TimingConfig, measure};
 use super::{BenchError, Case, Config, Ctx, Result, RunFn};
-use crate::backend::{Cpu, WeightDType};
+use crate::backend::{Backend, Cpu, WeightDType};
 use crate::loader::{self, Checkpoint, OutTensor};
 use crate::models::{Batch, Bert, GenerateOptions, Gpt2, LoadOptions};
 use serde_json::{Value, json};
@@ -558,8 +559,14 @@ pub struct PeerRequest {
     pub threads: usize,
     /// Timed repetitions.
     pub reps: usize,
+    /// Untimed repetitions first.
+    pub warmup: usize,
     /// The `batch × tokens` input ids.
     pub ids: Vec<u32>,
+    /// Where the peer runs: `cpu` or `cuda`.
+    pub device: &'static str,
+    /// The type the peer loads the checkpoint's weights in (`f32`, `f16` or `bf16`).
+    pub dtype: WeightDType,
 }
 
 impl PeerRequest {
@@ -572,8 +579,10 @@ impl PeerRequest {
             "batch": self.batch,
             "threads": self.threads,
             "reps": self.reps,
-            "warmup": 1,
+            "warmup": self.warmup,
             "ids": self.ids,
+            "device": self.device,
+            "dtype": self.dtype.name(),
         })
     }
 }
@@ -634,9 +643,15 @@ fn clip(s: &str) -> String {
     }
 }
 
-/// The peer script.
+/// The peer script: in the source tree this binary was built from, else (a binary carried to
+/// another machine, run from a copy of the repository) under the current directory.
 pub fn peer_script() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/peers/transformers_model.py")
+    const SCRIPT: &str = "benches/peers/transformers_model.py";
+    let built = Path::new(env!("CARGO_MANIFEST_DIR")).join(SCRIPT);
+    match std::env::current_dir() {
+        Ok(cwd) if !built.is_file() && cwd.join(SCRIPT).is_file() => cwd.join(SCRIPT),
+        _ => built,
+    }
 }
 
 /// The pythons to try, in order; `None` when `TESSERA_PEER_PYTHON` turns the peer off.
@@ -742,15 +757,18 @@ impl Drop for Server {
 /// Note of rows whose peer could not run because torch/transformers are missing.
 pub const PEER_MISSING: &str = "transformers peer: not installed (run scripts/fixture-env)";
 
+/// What a peer measurement is cached under: task, threads, device, weight type.
+type PeerKey = (Task, usize, &'static str, WeightDType);
+
 #[derive(Default)]
 struct PeerState {
     /// `None`: not started yet.
     server: Option<std::result::Result<Server, String>>,
-    results: HashMap<(Task, usize), std::result::Result<PeerResult, String>>,
+    results: HashMap<PeerKey, std::result::Result<PeerResult, String>>,
 }
 
 /// The `transformers` peer, shared by the rows of a run: starts its server on first use and
-/// measures each (task, threads) once.
+/// measures each (task, threads, device, weight type) once.
 pub struct Peer {
     enabled: bool,
     state: Mutex<PeerState>,
@@ -773,14 +791,15 @@ impl Peer {
         }
     }
 
-    /// The measurement of `req` (cached per task and thread count); `Err` holds the note
-    /// the row prints instead.
+    /// The measurement of `req` (cached per task, thread count, device and weight type);
+    /// `Err` holds the note the row prints instead.
     pub fn measure(&self, req: &PeerRequest) -> std::result::Result<PeerResult, String> {
         if !self.enabled {
             return Err("transformers peer: off (TESSERA_PEER_PYTHON=none)".into());
         }
         let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(r) = st.results.get(&(req.task, req.threads)) {
+        let key = (req.task, req.threads, req.device, req.dtype);
+        if let Some(r) = st.results.get(&key) {
             return r.clone();
         }
         let server = st.server.get_or_insert_with(|| {
@@ -805,7 +824,7 @@ impl Peer {
                 .map_err(|e| format!("transformers peer failed: {e}")),
             Err(e) => Err(e.clone()),
         };
-        st.results.insert((req.task, req.threads), r.clone());
+        st.results.insert(key, r.clone());
         r
     }
 }
@@ -885,6 +904,17 @@ impl Suite {
             peer: Arc::new(Peer::new()),
         }
     }
+
+    /// The shape column of `task`'s rows: `gpt2s-1x128` (prefill), `gpt2s-128+128` (decode:
+    /// prompt + new tokens), `bertb-8x128` (encode: batch × sequence).
+    pub fn shape(&self, task: Task) -> String {
+        let sh = self.shapes;
+        match task {
+            Task::Prefill => format!("{}-1x{}", self.gpt2.tag, sh.prefill),
+            Task::Decode => format!("{}-{}+{}", self.gpt2.tag, sh.decode, sh.decode),
+            Task::Encode => format!("{}-{}x{}", self.bert.tag, sh.encode_batch, sh.encode_seq),
+        }
+    }
 }
 
 type Shared<M> = Arc<OnceLock<std::result::Result<M, BenchError>>>;
@@ -895,20 +925,33 @@ fn backend(threads: usize, ctx: &Ctx<'_>) -> Result<Cpu> {
         .map_err(|e| BenchError(e.to_string()))
 }
 
-fn model_err(e: crate::Error) -> BenchError {
+pub(super) fn model_err(e: crate::Error) -> BenchError {
     BenchError(e.to_string())
 }
 
-fn load_gpt2(spec: &Gpt2Spec, dir: &Path, dtype: WeightDType) -> Result<Gpt2<Cpu>> {
+/// GPT-2 of `spec` on `be` with its linear layers stored as `dtype`, from the checkpoint in
+/// `dir` (written first if it is missing or stale).
+pub(super) fn load_gpt2<B: Backend>(
+    spec: &Gpt2Spec,
+    dir: &Path,
+    be: &B,
+    dtype: WeightDType,
+) -> Result<Gpt2<B>> {
     ensure_checkpoint(dir, &spec.config_json(), &spec.tensors())?;
     let ckpt = Checkpoint::open(dir).map_err(model_err)?;
-    Gpt2::load(&ckpt, &Cpu::new(0), &LoadOptions { dtype }).map_err(model_err)
+    Gpt2::load(&ckpt, be, &LoadOptions { dtype }).map_err(model_err)
 }
 
-fn load_bert(spec: &BertSpec, dir: &Path, dtype: WeightDType) -> Result<Bert<Cpu>> {
+/// BERT of `spec` on `be`, as [`load_gpt2`].
+pub(super) fn load_bert<B: Backend>(
+    spec: &BertSpec,
+    dir: &Path,
+    be: &B,
+    dtype: WeightDType,
+) -> Result<Bert<B>> {
     ensure_checkpoint(dir, &spec.config_json(), &spec.tensors())?;
     let ckpt = Checkpoint::open(dir).map_err(model_err)?;
-    Bert::load(&ckpt, &Cpu::new(0), &LoadOptions { dtype }).map_err(model_err)
+    Bert::load(&ckpt, be, &LoadOptions { dtype }).map_err(model_err)
 }
 
 /// `n` token ids of `vocab` from a fixed seed (see [`SplitMix64::token`]).
@@ -1006,7 +1049,10 @@ fn run_prefill(
         batch: 1,
         threads: id.threads,
         reps: peer_reps(Task::Prefill, ctx.config.quick),
+        warmup: 1,
         ids,
+        device: "cpu",
+        dtype: WeightDType::F32,
     });
     let work = prefill_work(&s.gpt2, dtype, n);
     Ok(finish_row(
@@ -1042,37 +1088,13 @@ fn run_decode(
     let be = backend(id.threads, ctx)?;
     let n = s.shapes.decode;
     let ids = token_ids(n, s.gpt2.vocab, 2);
-    let batch = Batch::new(vec![ids.clone()]).map_err(model_err)?;
-    let long = GenerateOptions::new(n + 1);
-    let short = GenerateOptions::new(1);
-    // Checks and warms up (prefill, one decode step).
-    m.generate(&be, &batch, &GenerateOptions::new(2))
-        .map_err(model_err)?;
     let timing = decode_timing(&ctx.config.timing, ctx.config.quick);
-    let mut diffs = Vec::new();
-    let start = Instant::now();
-    let generated = loop {
-        let t0 = Instant::now();
-        let tokens = m.generate(&be, &batch, &long).map_err(model_err)?.remove(0);
-        let t1 = Instant::now();
-        black_box(m.generate(&be, &batch, &short).map_err(model_err)?);
-        let t2 = Instant::now();
-        diffs.push(((t1 - t0).as_secs_f64() - (t2 - t1).as_secs_f64()).max(0.0));
-        if timing.should_stop(diffs.len(), start.elapsed()) {
-            break tokens;
-        }
-    };
-    let stats = Stats::from_samples(&diffs).expect("finite samples");
-    // Random weights: generation could end at the end-of-sequence token; then the steps
-    // made are timed and scaled to `n`.
-    let steps = generated.len().saturating_sub(1);
-    if steps == 0 {
-        return Err(BenchError(format!(
-            "{}: generation ended at once (end-of-sequence token first)",
-            id.name()
-        )));
-    }
-    let seconds = stats.median * n as f64 / steps as f64;
+    let DecodeTime {
+        stats,
+        seconds,
+        steps,
+        generated,
+    } = time_decode(id, m, &be, &ids, n, 1, &timing)?;
     let peer = s.peer.measure(&PeerRequest {
         model_dir: s.gpt2_dir.clone(),
         task: Task::Decode,
@@ -1080,24 +1102,105 @@ fn run_decode(
         batch: 1,
         threads: id.threads,
         reps: peer_reps(Task::Decode, ctx.config.quick),
+        warmup: 1,
         ids,
+        device: "cpu",
+        dtype: WeightDType::F32,
     });
     let work = decode_work(&s.gpt2, dtype, n, n);
     let mut row = finish_row(id, ctx, work, "memory", stats, seconds, n, &peer);
     let mut notes: Vec<String> = row.note.take().into_iter().collect();
+    // The peer ran with f32 weights: its tokens are comparable with the f32 rows'.
+    let theirs = match (dtype, &peer) {
+        (WeightDType::F32, Ok(p)) => p.generated.as_deref(),
+        _ => None,
+    };
+    notes.extend(decode_notes(steps, n, &generated, theirs));
+    row.note = Some(notes.join("; "));
+    Ok(row)
+}
+
+/// A decode measurement (see [`time_decode`]).
+pub(super) struct DecodeTime {
+    /// The differences, seconds.
+    pub stats: Stats,
+    /// The median difference scaled to the `n` steps asked for.
+    pub seconds: f64,
+    /// Decode steps the long generation made (`n` unless it ended at the end-of-sequence
+    /// token).
+    pub steps: usize,
+    /// The new tokens of the last long generation.
+    pub generated: Vec<u32>,
+}
+
+/// Times `n` greedy decode steps of `m` after the prompt `ids`: `warmup` untimed
+/// `generate(2)` calls (the first also checks that generation works), then repetitions until
+/// `timing` says stop, each timing `generate` with `n + 1` and with 1 new tokens back to back;
+/// the samples are the differences (prefill and the first token cancel out). `generate`
+/// downloads every step's logits, so each call has finished on the device when it returns.
+/// Random weights can end generation at the end-of-sequence token: then the steps made are
+/// timed and scaled to `n` (an error if there were none).
+pub(super) fn time_decode<B: Backend>(
+    id: &CaseId,
+    m: &Gpt2<B>,
+    be: &B,
+    ids: &[u32],
+    n: usize,
+    warmup: usize,
+    timing: &TimingConfig,
+) -> Result<DecodeTime> {
+    let batch = Batch::new(vec![ids.to_vec()]).map_err(model_err)?;
+    let long = GenerateOptions::new(n + 1);
+    let short = GenerateOptions::new(1);
+    // Checks and warms up (prefill, one decode step).
+    for _ in 0..warmup.max(1) {
+        m.generate(be, &batch, &GenerateOptions::new(2))
+            .map_err(model_err)?;
+    }
+    let mut diffs = Vec::new();
+    let start = Instant::now();
+    let generated = loop {
+        let t0 = Instant::now();
+        let tokens = m.generate(be, &batch, &long).map_err(model_err)?.remove(0);
+        let t1 = Instant::now();
+        black_box(m.generate(be, &batch, &short).map_err(model_err)?);
+        let t2 = Instant::now();
+        diffs.push(((t1 - t0).as_secs_f64() - (t2 - t1).as_secs_f64()).max(0.0));
+        if timing.should_stop(diffs.len(), start.elapsed()) {
+            break tokens;
+        }
+    };
+    let stats = Stats::from_samples(&diffs).expect("finite samples");
+    let steps = generated.len().saturating_sub(1);
+    if steps == 0 {
+        return Err(BenchError(format!(
+            "{}: generation ended at once (end-of-sequence token first)",
+            id.name()
+        )));
+    }
+    Ok(DecodeTime {
+        stats,
+        seconds: stats.median * n as f64 / steps as f64,
+        steps,
+        generated,
+    })
+}
+
+/// The notes of a decode row: whether generation stopped early, and how many of the peer's
+/// greedy tokens (`theirs`, when comparable) ours equal from the start.
+pub(super) fn decode_notes(
+    steps: usize,
+    n: usize,
+    generated: &[u32],
+    theirs: Option<&[u32]>,
+) -> Vec<String> {
+    let mut notes = Vec::new();
     if steps < n {
         notes.push(format!(
             "generation stopped at the end-of-sequence token after {steps} of {n} steps: time scaled to {n}"
         ));
     }
-    if let (
-        WeightDType::F32,
-        Ok(PeerResult {
-            generated: Some(theirs),
-            ..
-        }),
-    ) = (dtype, &peer)
-    {
+    if let Some(theirs) = theirs {
         let same = generated
             .iter()
             .zip(theirs)
@@ -1108,8 +1211,7 @@ fn run_decode(
             theirs.len()
         ));
     }
-    row.note = Some(notes.join("; "));
-    Ok(row)
+    notes
 }
 
 fn run_encode(
@@ -1131,7 +1233,10 @@ fn run_encode(
         batch: b,
         threads: id.threads,
         reps: peer_reps(Task::Encode, ctx.config.quick),
+        warmup: 1,
         ids,
+        device: "cpu",
+        dtype: WeightDType::F32,
     });
     let work = encode_work(&s.bert, dtype, b, l);
     Ok(finish_row(
@@ -1161,21 +1266,16 @@ fn case_id(kernel: Task, shape: String, dtype: WeightDType, threads: usize) -> C
 /// BERT (storage type × threads). Each model is loaded by the first of its rows that runs and
 /// dropped after the last.
 pub fn cases_for(cfg: &Config, suite: &Suite) -> Vec<Case> {
-    let sh = suite.shapes;
     let mut out = Vec::new();
     for dtype in GPT2_DTYPES {
         let model: Shared<Gpt2<Cpu>> = Arc::new(OnceLock::new());
         for &threads in &cfg.threads {
             for task in [Task::Prefill, Task::Decode] {
-                let shape = match task {
-                    Task::Decode => format!("{}-{}+{}", suite.gpt2.tag, sh.decode, sh.decode),
-                    _ => format!("{}-1x{}", suite.gpt2.tag, sh.prefill),
-                };
-                let id = case_id(task, shape, dtype, threads);
+                let id = case_id(task, suite.shape(task), dtype, threads);
                 let (case_id, model, s) = (id.clone(), Arc::clone(&model), suite.clone());
                 let run: RunFn = Box::new(move |ctx| {
                     let m = model
-                        .get_or_init(|| load_gpt2(&s.gpt2, &s.gpt2_dir, dtype))
+                        .get_or_init(|| load_gpt2(&s.gpt2, &s.gpt2_dir, &Cpu::new(0), dtype))
                         .as_ref()
                         .map_err(Clone::clone)?;
                     match task {
@@ -1190,12 +1290,11 @@ pub fn cases_for(cfg: &Config, suite: &Suite) -> Vec<Case> {
     for dtype in BERT_DTYPES {
         let model: Shared<Bert<Cpu>> = Arc::new(OnceLock::new());
         for &threads in &cfg.threads {
-            let shape = format!("{}-{}x{}", suite.bert.tag, sh.encode_batch, sh.encode_seq);
-            let id = case_id(Task::Encode, shape, dtype, threads);
+            let id = case_id(Task::Encode, suite.shape(Task::Encode), dtype, threads);
             let (case_id, model, s) = (id.clone(), Arc::clone(&model), suite.clone());
             let run: RunFn = Box::new(move |ctx| {
                 let m = model
-                    .get_or_init(|| load_bert(&s.bert, &s.bert_dir, dtype))
+                    .get_or_init(|| load_bert(&s.bert, &s.bert_dir, &Cpu::new(0), dtype))
                     .as_ref()
                     .map_err(Clone::clone)?;
                 run_encode(&case_id, m, &s, dtype, ctx)
@@ -1372,10 +1471,16 @@ mod tests {
             batch: 1,
             threads: 2,
             reps: 3,
+            warmup: 1,
             ids: vec![4, 5],
+            device: "cpu",
+            dtype: WeightDType::F32,
         };
         let j = req.to_json();
         assert_eq!(j["task"], "decode");
+        assert_eq!(j["warmup"], 1);
+        assert_eq!(j["device"], "cpu");
+        assert_eq!(j["dtype"], "f32");
         assert_eq!(j["ids"], json!([4, 5]));
         assert_eq!(j["model_dir"], "/m");
         let off = Peer::disabled().measure(&req).unwrap_err();

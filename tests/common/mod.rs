@@ -8,8 +8,20 @@ use tessera::backend::{Backend, WeightDType};
 use tessera::loader::Checkpoint;
 use tessera::models::{Batch, LoadOptions, Model, Output};
 
+/// The repository: where this test was built, or the current directory when the binary was
+/// carried to another machine (the GPU machines run binaries built here from the repository
+/// root, `scripts/gpu-bundle`).
+pub fn repo_root() -> PathBuf {
+    let built = Path::new(env!("CARGO_MANIFEST_DIR"));
+    if built.join("tests/fixtures/models").is_dir() {
+        built.to_path_buf()
+    } else {
+        std::env::current_dir().expect("a current directory")
+    }
+}
+
 pub fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models")
+    repo_root().join("tests/fixtures/models")
 }
 
 pub fn fixture_dirs() -> Vec<PathBuf> {
