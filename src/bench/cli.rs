@@ -23,7 +23,7 @@ pub struct BenchArgs {
     #[arg(long)]
     pub quick: bool,
     /// Run only cases whose name (family/kernel/shape/dtype/layout/tN, e.g.
-    /// gemm/gemm/128x3072x768/f16/[n,k]/t2) contains SUBSTR; repeatable (any matches).
+    /// `gemm/gemm/128x3072x768/f16/[n,k]/t2`) contains SUBSTR; repeatable (any matches).
     #[arg(long, value_name = "SUBSTR")]
     pub filter: Vec<String>,
     /// Tessera instruction set: scalar, avx2, avx512, neon [default: the best this CPU has].

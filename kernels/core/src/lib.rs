@@ -14,7 +14,7 @@
 //!   (no tensor type is imposed on the caller);
 //! * [`quant`]: the GGML-compatible quantized block formats (Q8_0, Q4_0, Q4_K, Q8_K) with
 //!   their reference quantizers and dequantizers;
-//! * [`reference`]: the oracle for every kernel, written as plainly as possible, with f64
+//! * [`reference`](mod@reference): the oracle for every kernel, written as plainly as possible, with f64
 //!   accumulation, never optimized and never shared with the fast paths.
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(clippy::undocumented_unsafe_blocks)]

@@ -24,7 +24,7 @@
 //! `MR` weight rows × `NR` tokens, each computing its `MR·NR` dot products over the whole row
 //! in registers, so every weight block is loaded once per tile and every activation block
 //! once per row group; tokens are taken in chunks whose quantized rows fit in half the L2.
-//! One token (decode) takes the ISA's GEMV path where it has one ([`GemvKernels`]: the token
+//! One token (decode) takes the ISA's GEMV path where it has one (`GemvKernels`: the token
 //! is prepared once in a kernel-specific layout, then a few contiguous row ranges per thread
 //! stream the weights once); elsewhere it is the same walk with one token per tile.
 
