@@ -20,11 +20,11 @@
 
 use criterion::{Criterion, SamplingMode, Throughput};
 use std::time::Duration;
+use tessera::bench::cuda::time_events;
 use tessera::bench::data::random_f32;
 use tessera_core::{Element, Transpose, bf16, f16};
 use tessera_cuda::cudarc::cublas::CudaBlas;
 use tessera_cuda::cudarc::driver::CudaSlice;
-use tessera_cuda::cudarc::driver::sys::CUevent_flags;
 use tessera_cuda::gemm::{self, GemmArgs, GemmElement, GemmPath};
 use tessera_cuda::{Device, Error};
 
@@ -114,22 +114,6 @@ fn launch<T: GemmElement>(
         Peer::Tessera(path) => gemm::gemm(dev, path, args, a, b, c),
         Peer::Cublas => gemm::cublas_gemm_f32out(blas.expect("cuBLAS handle"), args, a, b, c),
     }
-}
-
-/// Seconds of `iters` launches, timed with CUDA events on the device's stream.
-fn time_events(dev: &Device, iters: u64, mut run: impl FnMut(usize)) -> Duration {
-    let stream = dev.stream();
-    let flags = Some(CUevent_flags::CU_EVENT_DEFAULT);
-    let start = stream
-        .record_event(flags)
-        .expect("recording the start event");
-    for i in 0..iters {
-        run(i as usize);
-    }
-    let end = stream.record_event(flags).expect("recording the end event");
-    end.synchronize().expect("a GEMM faulted");
-    let ms = start.elapsed_ms(&end).expect("reading the event times");
-    Duration::from_secs_f64(f64::from(ms) / 1e3)
 }
 
 /// Tessera's output for set 0 against cuBLAS's: a relative agreement far looser than the

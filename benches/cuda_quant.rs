@@ -24,13 +24,13 @@
 
 use criterion::{Criterion, SamplingMode, Throughput};
 use std::time::Duration;
+use tessera::bench::cuda::time_events;
 use tessera::bench::data::random_f32;
 use tessera_core::quant::{self as q, BlockQ4_0, BlockQ4_K, BlockQ8_0, QuantBlock};
 use tessera_core::{Transpose, f16};
 use tessera_cuda::cudarc::cublas::sys::cublasOperation_t;
 use tessera_cuda::cudarc::cublas::{CudaBlas, Gemm, GemmConfig};
 use tessera_cuda::cudarc::driver::CudaSlice;
-use tessera_cuda::cudarc::driver::sys::CUevent_flags;
 use tessera_cuda::gemm::{self, GemmArgs};
 use tessera_cuda::quant::{self, QuantArgs, QuantFormat, QuantKernel};
 use tessera_cuda::{Device, Error};
@@ -41,22 +41,6 @@ const GEMV_K: usize = 4096;
 const GEMV_COPIES: usize = 8;
 const GEMM_NK: usize = 4096;
 const GEMM_M: [usize; 3] = [16, 128, 512];
-
-/// Seconds of `iters` launches, timed with CUDA events on the device's stream.
-fn time_events(dev: &Device, iters: u64, mut run: impl FnMut(usize)) -> Duration {
-    let stream = dev.stream();
-    let flags = Some(CUevent_flags::CU_EVENT_DEFAULT);
-    let start = stream
-        .record_event(flags)
-        .expect("recording the start event");
-    for i in 0..iters {
-        run(i as usize);
-    }
-    let end = stream.record_event(flags).expect("recording the end event");
-    end.synchronize().expect("a kernel faulted");
-    let ms = start.elapsed_ms(&end).expect("reading the event times");
-    Duration::from_secs_f64(f64::from(ms) / 1e3)
-}
 
 fn blocks_bytes<B: QuantBlock>(src: &[f32]) -> Vec<u8> {
     let mut blocks = vec![B::zeroed(); src.len() / B::LEN];

@@ -149,6 +149,25 @@ pub fn time_gpu(
     Ok((samples[samples.len() / 2], batches * per_batch))
 }
 
+/// The duration of `iters` calls of `run` (called with the call's index), timed with CUDA
+/// events on the device's stream: what the criterion benches (`benches/cuda_*.rs`) hand to
+/// `iter_custom`. Panics, naming the step, when an event fails or a kernel faulted (a bench
+/// has no way to report an error through criterion).
+pub fn time_events(dev: &Device, iters: u64, mut run: impl FnMut(usize)) -> std::time::Duration {
+    let stream = dev.stream();
+    let flags = Some(CUevent_flags::CU_EVENT_DEFAULT);
+    let start = stream
+        .record_event(flags)
+        .expect("recording the start event");
+    for i in 0..iters {
+        run(i as usize);
+    }
+    let end = stream.record_event(flags).expect("recording the end event");
+    end.synchronize().expect("a kernel faulted");
+    let ms = start.elapsed_ms(&end).expect("reading the event times");
+    std::time::Duration::from_secs_f64(f64::from(ms) / 1e3)
+}
+
 /// Random values in [-1, 1) from a fixed seed.
 pub(super) fn random_f32(len: usize, seed: u64) -> Vec<f32> {
     super::data::random_f32(len, seed)
