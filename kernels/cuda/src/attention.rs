@@ -21,6 +21,13 @@
 //!   rounded weights). Key tiles past the last key the block's rows see are skipped.
 //! * any other `head_dim` (up to 256, and up to 1024): a SIMT kernel, one warp per query row,
 //!   f32 throughout.
+//! * `head_dim` ∈ {64, 128} on Hopper (sm_90a), **opt-in** with [`AttnPath::Wgmma`]
+//!   ([`attention_with_path`]): FlashAttention-3 style, one warpgroup per 64 query rows, both
+//!   products by `wgmma.mma_async` (Q and K from 128-byte-swizzled shared memory, P from
+//!   registers, V as an MN-major operand), K and V double-buffered by 16-byte `cp.async`. The
+//!   same options, rounding of P and accuracy as the `mma.sync` kernel. It has not yet been run
+//!   on an H100, so [`AttnPath::Auto`] never picks it: it stays opt-in until the GPU tests
+//!   (`tests/attention.rs`, `*_wgmma`) have passed on one.
 //!
 //! Both read Q, K and V with 16-byte vector copies when the buffers are 16-byte aligned and every
 //! stride in use is a multiple of 8 elements, element by element otherwise (same results).
@@ -34,7 +41,7 @@
 use crate::compile::Family;
 use crate::error::DriverContext;
 use crate::launch::{dim_i32, grid};
-use crate::{Device, Error, Result};
+use crate::{Device, DeviceInfo, Error, Result};
 use cudarc::driver::{CudaView, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg};
 use tessera_core::attention::{
     AttentionParams, AttentionShape, HeadLayout, KeyPadding, MAX_HEAD_DIM, check_attention,
@@ -63,6 +70,24 @@ impl AttnElement for bf16 {
 
 /// Head dimensions of the tensor-core kernel; others run on the SIMT kernel.
 pub const MMA_HEAD_DIMS: [usize; 5] = [32, 64, 80, 96, 128];
+
+/// Head dimensions of the Hopper `wgmma` kernel ([`AttnPath::Wgmma`]).
+pub const WGMMA_HEAD_DIMS: [usize; 2] = [64, 128];
+
+/// Which kernel family runs an attention call ([`attention_with_path`], [`kernel_for`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AttnPath {
+    /// The fastest *verified* family: currently always [`AttnPath::Mma`] (the `wgmma` kernel
+    /// is chosen only when asked for, until it has been verified on an H100).
+    #[default]
+    Auto,
+    /// The sm_80 kernels, any device: `mma.sync` m16n8k16 for `head_dim` in
+    /// [`MMA_HEAD_DIMS`], the SIMT kernel for every other `head_dim`.
+    Mma,
+    /// The Hopper `wgmma` kernel (sm_90a, `head_dim` in [`WGMMA_HEAD_DIMS`]); asking for it
+    /// where it cannot run is [`Error::Unsupported`]. Opt-in: not yet verified on hardware.
+    Wgmma,
+}
 
 /// Which keys each sequence of the batch may attend to ([`KeyPadding`] on the device).
 #[derive(Debug, Default)]
@@ -227,6 +252,11 @@ pub enum AttnKernel {
         /// The head dimension (one of [`MMA_HEAD_DIMS`]).
         head_dim: usize,
     },
+    /// The Hopper `wgmma` kernel for this exact `head_dim` (one of [`WGMMA_HEAD_DIMS`]).
+    Wgmma {
+        /// The head dimension.
+        head_dim: usize,
+    },
     /// The SIMT kernel holding `per_lane` output columns per lane (`head_dim <= 32·per_lane`).
     Simt {
         /// Output columns per lane: 8 (`head_dim <= 256`) or 32 (`<= 1024`).
@@ -254,6 +284,9 @@ impl AttnKernel {
     pub fn smem_bytes(self) -> usize {
         match self {
             AttnKernel::Mma { head_dim } => 3 * 64 * (head_dim + 8) * 2 + 128 * 4,
+            // Q, K and V double-buffered (64 x head_dim each), two relative-bias rows, and
+            // slack to align the swizzled tiles to 1024 bytes.
+            AttnKernel::Wgmma { head_dim } => 5 * 64 * head_dim * 2 + 2 * 128 * 4 + 1024,
             AttnKernel::Simt { .. } => 0,
         }
     }
@@ -261,7 +294,33 @@ impl AttnKernel {
     fn name<T: AttnElement>(self) -> String {
         match self {
             AttnKernel::Mma { head_dim } => format!("attn_fwd_{}_d{head_dim}", T::NAME),
+            AttnKernel::Wgmma { head_dim } => format!("attn_fwd_wgmma_{}_d{head_dim}", T::NAME),
             AttnKernel::Simt { per_lane } => format!("attn_fwd_simt_{}_e{per_lane}", T::NAME),
+        }
+    }
+}
+
+/// The kernel that runs a call of `head_dim` on a device described by `info` when `path` is
+/// asked for. [`AttnPath::Auto`] and [`AttnPath::Mma`] give [`AttnKernel::for_head_dim`] (the
+/// `wgmma` kernel is opt-in until verified on an H100); [`AttnPath::Wgmma`] gives
+/// [`AttnKernel::Wgmma`] on sm_90a for `head_dim` in [`WGMMA_HEAD_DIMS`], and
+/// [`Error::Unsupported`] on any other architecture or `head_dim`. Needs no GPU.
+pub fn kernel_for(info: &DeviceInfo, head_dim: usize, path: AttnPath) -> Result<AttnKernel> {
+    match path {
+        AttnPath::Auto | AttnPath::Mma => AttnKernel::for_head_dim(head_dim),
+        AttnPath::Wgmma => {
+            if !info.has_sm90a() {
+                return Err(Error::Unsupported(format!(
+                    "the wgmma attention kernel needs an sm_90a device; {} is {}",
+                    info.name, info.arch
+                )));
+            }
+            if !WGMMA_HEAD_DIMS.contains(&head_dim) {
+                return Err(Error::Unsupported(format!(
+                    "the wgmma attention kernel takes head_dim 64 or 128, not {head_dim}"
+                )));
+            }
+            Ok(AttnKernel::Wgmma { head_dim })
         }
     }
 }
@@ -498,6 +557,45 @@ pub fn attention<T: AttnElement>(
     out: &mut impl DevicePtrMut<f32>,
     out_layout: HeadLayout,
 ) -> Result<()> {
+    attention_with_path(
+        dev,
+        AttnPath::Auto,
+        shape,
+        q,
+        q_layout,
+        k,
+        k_layout,
+        v,
+        v_layout,
+        params,
+        out,
+        out_layout,
+    )
+}
+
+/// [`attention`] with the kernel family chosen by `path` (see [`kernel_for`]):
+/// [`AttnPath::Wgmma`] runs the Hopper kernel, which is opt-in until it has been verified on an
+/// H100.
+///
+/// # Errors
+/// Those of [`attention`], and [`Error::Unsupported`] for [`AttnPath::Wgmma`] on a device that
+/// is not sm_90a or with a `head_dim` outside [`WGMMA_HEAD_DIMS`] (whatever the size, empty
+/// problems included; nothing is launched).
+#[allow(clippy::too_many_arguments)]
+pub fn attention_with_path<T: AttnElement>(
+    dev: &Device,
+    path: AttnPath,
+    shape: &AttentionShape,
+    q: &impl DevicePtr<T>,
+    q_layout: HeadLayout,
+    k: &impl DevicePtr<T>,
+    k_layout: HeadLayout,
+    v: &impl DevicePtr<T>,
+    v_layout: HeadLayout,
+    params: &DeviceAttentionParams<'_>,
+    out: &mut impl DevicePtrMut<f32>,
+    out_layout: HeadLayout,
+) -> Result<()> {
     let desc = ParamsDesc::of(params);
     let kernel = validate(
         shape,
@@ -507,6 +605,10 @@ pub fn attention<T: AttnElement>(
         (out.len(), &out_layout),
         &desc,
     )?;
+    let kernel = match path {
+        AttnPath::Auto | AttnPath::Mma => kernel,
+        AttnPath::Wgmma => kernel_for(dev.info(), shape.head_dim, path)?,
+    };
     let AttentionShape {
         batch,
         q_len,
@@ -633,7 +735,7 @@ pub fn attention<T: AttnElement>(
     );
 
     let cfg = match kernel {
-        AttnKernel::Mma { .. } => LaunchConfig {
+        AttnKernel::Mma { .. } | AttnKernel::Wgmma { .. } => LaunchConfig {
             grid_dim: (
                 grid("attention query tiles", q_len, 64, false)?,
                 n_heads as u32,
@@ -662,7 +764,8 @@ pub fn attention<T: AttnElement>(
     // reaches, a relative table num_buckets·n_heads floats with max_distance > max_exact >= 1;
     // 16-byte loads (`vec`) and 8-byte stores (`o_vec`) are enabled only when the pointers and
     // every used stride allow them; `AttnArgs` matches the C struct; grid and dynamic shared
-    // memory are the kernel's documented geometry (smem limit raised by function_with_smem).
+    // memory are the kernel's documented geometry (smem limit raised by function_with_smem);
+    // the wgmma kernel (same reads and writes) is selected only on sm_90a (kernel_for).
     unsafe { b.launch(cfg) }.ctx(|| format!("launching {}", kernel.name::<T>()))?;
     Ok(())
 }
@@ -787,8 +890,10 @@ mod tests {
             );
         }
         assert!(AttnKernel::for_head_dim(1025).is_err());
-        // The header's figure for head_dim 128.
+        // The header's figures.
         assert_eq!(AttnKernel::Mma { head_dim: 128 }.smem_bytes(), 52_736);
+        assert_eq!(AttnKernel::Wgmma { head_dim: 128 }.smem_bytes(), 83_968);
+        assert_eq!(AttnKernel::Wgmma { head_dim: 64 }.smem_bytes(), 43_008);
     }
 
     #[test]

@@ -5,6 +5,10 @@
 //! and bad input. Every test skips (passes, printing why once) without a GPU; the host-side
 //! validation is unit-tested in `src/attention.rs`.
 //!
+//! The `*_wgmma` tests run the same checks with [`AttnPath::Wgmma`] forced (head_dim 64 and
+//! 128, every other option as above, the same tolerance); they skip unless the device is
+//! sm_90a. That path is opt-in until they have passed on an H100.
+//!
 //! Tolerance (derived, not tuned). The inputs are 16-bit values, exact inputs of the f64
 //! reference. Write `p_j = exp(s_j − m)` for the exact softmax weights of a row and
 //! `σ_j = scale·Σ_c|q_c k_jc| + |bias_j| + |s_j − m|` (the reference's quantities), `u = 2⁻²⁴`,
@@ -37,9 +41,9 @@ use tessera_core::attention::{
 };
 use tessera_core::{Element, reference};
 use tessera_cuda::attention::{
-    self, AttnElement, DeviceAttentionParams, DeviceBias, DevicePadding,
+    self, AttnElement, AttnKernel, AttnPath, DeviceAttentionParams, DeviceBias, DevicePadding,
 };
-use tessera_cuda::{Device, launch::fill_u32, test_device};
+use tessera_cuda::{Device, DeviceInfo, Error, launch::fill_u32, test_device};
 
 const U: f64 = 1.0 / (1u64 << 24) as f64;
 const U_TC: f64 = 2.0 * U;
@@ -231,13 +235,13 @@ fn work(s: &AttentionShape) -> usize {
 }
 
 prop_compose! {
-    fn case()(
+    fn case_in(head_dims: BoxedStrategy<usize>)(
         batch in 1usize..=3,
         q_len in seq_len(),
         kv_len in seq_len(),
         n_kv_heads in 1usize..=3,
         group in prop::sample::select(vec![1usize, 1, 2, 3, 4]),
-        head_dim in head_dim(),
+        head_dim in head_dims,
         layouts in prop::array::uniform4((any::<bool>(), prop_oneof![3 => Just(0usize), 1 => Just(8usize), 1 => 1usize..5])),
         scale_kind in 0usize..3,
         causal in any::<bool>(),
@@ -297,6 +301,31 @@ prop_compose! {
     }
 }
 
+/// Cases over every option, head_dim from [`head_dim`].
+fn case() -> impl Strategy<Value = Case> {
+    case_in(head_dim().boxed())
+}
+
+/// Cases over every option with the head dimensions of the `wgmma` kernel.
+fn wgmma_case() -> impl Strategy<Value = Case> {
+    case_in(prop::sample::select(vec![64usize, 128]).boxed())
+}
+
+/// The device when it can run the `wgmma` path (sm_90a), else `None` (printing why).
+fn wgmma_device() -> Option<&'static Device> {
+    let dev = test_device()?;
+    if dev.info().has_sm90a() {
+        Some(dev)
+    } else {
+        eprintln!(
+            "tessera-cuda: skipping a wgmma attention test: {} is {}, not sm_90a",
+            dev.info().name,
+            dev.info().arch
+        );
+        None
+    }
+}
+
 /// The case's Q, K, V as `T` (their exact f32 values for Q) and bias.
 struct Data<T> {
     q: Vec<T>,
@@ -329,10 +358,11 @@ fn upload<T: cudarc::driver::DeviceRepr + Copy + Default>(
     dev.upload(&v).unwrap()
 }
 
-/// Runs the kernel on a poisoned output; returns the whole output buffer (its `len(3)` first
-/// elements).
-fn run<T: AttnElement + cudarc::driver::DeviceRepr + Default>(
+/// Runs the kernel family `path` on a poisoned output; returns the whole output buffer (its
+/// `len(3)` first elements).
+fn run_path<T: AttnElement + cudarc::driver::DeviceRepr + Default>(
     dev: &Device,
+    path: AttnPath,
     c: &Case,
     d: &Data<T>,
 ) -> Vec<f32> {
@@ -375,8 +405,9 @@ fn run<T: AttnElement + cudarc::driver::DeviceRepr + Default>(
             bidirectional,
         },
     };
-    attention::attention::<T>(
+    attention::attention_with_path::<T>(
         dev,
+        path,
         s,
         &q,
         c.layout(0),
@@ -436,6 +467,7 @@ fn unit_roundoff<T: Element>() -> f64 {
 
 fn check_against_reference<T: AttnElement + cudarc::driver::DeviceRepr + Default>(
     dev: &Device,
+    path: AttnPath,
     c: &Case,
 ) -> Result<(), TestCaseError> {
     let dt = data::<T>(c);
@@ -447,7 +479,7 @@ fn check_against_reference<T: AttnElement + cudarc::driver::DeviceRepr + Default
         &c.params(&dt.bias),
     )
     .unwrap();
-    let got = owned(c, &run(dev, c, &dt))?;
+    let got = owned(c, &run_path(dev, path, c, &dt))?;
     let s = &c.shape;
     let (d, kv) = (s.head_dim, s.kv_len);
     let vmax =
@@ -496,7 +528,9 @@ fn runner(cases: u32) -> TestRunner {
 fn f16_matches_reference() {
     let Some(dev) = test_device() else { return };
     runner(96)
-        .run(&case(), |c| check_against_reference::<f16>(dev, &c))
+        .run(&case(), |c| {
+            check_against_reference::<f16>(dev, AttnPath::Auto, &c)
+        })
         .unwrap();
 }
 
@@ -504,7 +538,91 @@ fn f16_matches_reference() {
 fn bf16_matches_reference() {
     let Some(dev) = test_device() else { return };
     runner(96)
-        .run(&case(), |c| check_against_reference::<bf16>(dev, &c))
+        .run(&case(), |c| {
+            check_against_reference::<bf16>(dev, AttnPath::Auto, &c)
+        })
+        .unwrap();
+}
+
+/// A fixed ladder of wgmma cases, simplest first (a first GPU run reads the first failure):
+/// one full tile, single rows, then causal + GQA + padding + relative bias, then a byte mask,
+/// a dense bias and element loads.
+#[test]
+fn wgmma_fixed_cases_match_reference() {
+    let Some(dev) = wgmma_device() else { return };
+    let base = |d: usize, q_len: usize, kv_len: usize| Case {
+        shape: AttentionShape {
+            batch: 1,
+            q_len,
+            kv_len,
+            n_heads: 1,
+            n_kv_heads: 1,
+            head_dim: d,
+        },
+        layouts: [(false, 0); 4],
+        scale: 1.0 / (d as f32).sqrt(),
+        causal: false,
+        q_offset: 0,
+        pad: PadKind::None,
+        lengths: vec![],
+        mask: vec![],
+        bias_kind: BiasKind::None,
+        seed: 17,
+    };
+    for d in attention::WGMMA_HEAD_DIMS {
+        let mut cases = vec![base(d, 64, 64), base(d, 1, 1), base(d, 64, 200)];
+        let mut c = base(d, 70, 130);
+        c.shape.batch = 2;
+        c.shape.n_heads = 4;
+        c.shape.n_kv_heads = 2;
+        c.causal = true;
+        c.q_offset = 60;
+        c.pad = PadKind::Host;
+        c.lengths = vec![130, 77];
+        c.bias_kind = BiasKind::Relative {
+            buckets: 32,
+            max_distance: 128,
+            bidirectional: false,
+        };
+        cases.push(c.clone());
+        c.causal = false;
+        c.pad = PadKind::Mask;
+        c.mask = values(2 * 130, 9, 1.0)
+            .into_iter()
+            .map(|x| x > -0.6)
+            .collect();
+        c.bias_kind = BiasKind::Dense {
+            broadcast_batch: true,
+            broadcast_q: false,
+        };
+        c.layouts = [(true, 3), (false, 1), (true, 0), (false, 2)];
+        cases.push(c);
+        for (n, c) in cases.iter().enumerate() {
+            check_against_reference::<f16>(dev, AttnPath::Wgmma, c)
+                .unwrap_or_else(|e| panic!("f16 d={d} case {n}: {e}"));
+            check_against_reference::<bf16>(dev, AttnPath::Wgmma, c)
+                .unwrap_or_else(|e| panic!("bf16 d={d} case {n}: {e}"));
+        }
+    }
+}
+
+#[test]
+fn f16_matches_reference_wgmma() {
+    let Some(dev) = wgmma_device() else { return };
+    runner(96)
+        .run(&wgmma_case(), |c| {
+            check_against_reference::<f16>(dev, AttnPath::Wgmma, &c)
+        })
+        .unwrap();
+}
+
+#[test]
+fn bf16_matches_reference_wgmma() {
+    let Some(dev) = wgmma_device() else { return };
+    runner(96)
+        .run(&wgmma_case(), |c| {
+            check_against_reference::<bf16>(dev, AttnPath::Wgmma, &c)
+        })
         .unwrap();
 }
 
@@ -569,11 +687,11 @@ fn dense_case<T: Copy>(c: &Case, d: &Data<T>) -> (Case, Data<T>) {
 }
 
 /// Layouts (vector or element loads) never change a bit.
-fn layouts_are_exact(dev: &Device, c: &Case) -> Result<(), TestCaseError> {
+fn layouts_are_exact(dev: &Device, path: AttnPath, c: &Case) -> Result<(), TestCaseError> {
     let d = data::<f16>(c);
-    let a = owned(c, &run(dev, c, &d))?;
+    let a = owned(c, &run_path(dev, path, c, &d))?;
     let (c2, d2) = dense_case(c, &d);
-    let b = owned(&c2, &run(dev, &c2, &d2))?;
+    let b = owned(&c2, &run_path(dev, path, &c2, &d2))?;
     prop_assert_eq!(
         bits(&a),
         bits(&b),
@@ -586,14 +704,14 @@ fn layouts_are_exact(dev: &Device, c: &Case) -> Result<(), TestCaseError> {
 /// Padding a batch changes no sequence: each sequence run alone with only its own keys gives
 /// bit-identical rows (tiles sit at the same key positions; skipped tiles and zero weights
 /// change nothing).
-fn padding_is_exact(dev: &Device, c: &Case) -> Result<(), TestCaseError> {
+fn padding_is_exact(dev: &Device, path: AttnPath, c: &Case) -> Result<(), TestCaseError> {
     let mut c = c.clone();
     c.pad = PadKind::Host;
     c.bias_kind = BiasKind::None;
     c.layouts = [(false, 0); 4];
     let s = c.shape;
     let d = data::<f16>(&c);
-    let batched = owned(&c, &run(dev, &c, &d))?;
+    let batched = owned(&c, &run_path(dev, path, &c, &d))?;
     let row = s.q_len * s.n_heads * s.head_dim;
     let kvrow = s.n_kv_heads * s.head_dim;
     for b in 0..s.batch {
@@ -616,7 +734,7 @@ fn padding_is_exact(dev: &Device, c: &Case) -> Result<(), TestCaseError> {
             v: d.v[b * s.kv_len * kvrow..][..len * kvrow].to_vec(),
             bias: vec![],
         };
-        let single = owned(&alone, &run(dev, &alone, &da))?;
+        let single = owned(&alone, &run_path(dev, path, &alone, &da))?;
         prop_assert_eq!(
             bits(&batched[b * row..(b + 1) * row]),
             bits(&single),
@@ -631,7 +749,12 @@ fn padding_is_exact(dev: &Device, c: &Case) -> Result<(), TestCaseError> {
 /// A causal pass over a whole sequence equals two chunks, the second attending the first as a
 /// cached past (q_offset), bit for bit; grouped-query attention equals multi-head attention
 /// with each K/V head repeated for its group.
-fn chunks_and_gqa_are_exact(dev: &Device, c: &Case, split: usize) -> Result<(), TestCaseError> {
+fn chunks_and_gqa_are_exact(
+    dev: &Device,
+    path: AttnPath,
+    c: &Case,
+    split: usize,
+) -> Result<(), TestCaseError> {
     let mut c = c.clone();
     c.causal = true;
     c.q_offset = 0;
@@ -643,7 +766,7 @@ fn chunks_and_gqa_are_exact(dev: &Device, c: &Case, split: usize) -> Result<(), 
     c.shape.kv_len = c.shape.q_len;
     let s = c.shape;
     let d = data::<bf16>(&c);
-    let whole = owned(&c, &run(dev, &c, &d))?;
+    let whole = owned(&c, &run_path(dev, path, &c, &d))?;
     let hd = s.n_heads * s.head_dim;
     let kvrow = s.n_kv_heads * s.head_dim;
     let cut = if s.q_len == 0 {
@@ -670,7 +793,7 @@ fn chunks_and_gqa_are_exact(dev: &Device, c: &Case, split: usize) -> Result<(), 
                 v: d.v[b * s.kv_len * kvrow..][..hi * kvrow].to_vec(),
                 bias: d.bias.clone(),
             };
-            let got = owned(&part, &run(dev, &part, &dp))?;
+            let got = owned(&part, &run_path(dev, path, &part, &dp))?;
             let want = &whole[(b * s.q_len + lo) * hd..(b * s.q_len + hi) * hd];
             prop_assert_eq!(
                 bits(&got),
@@ -703,7 +826,7 @@ fn chunks_and_gqa_are_exact(dev: &Device, c: &Case, split: usize) -> Result<(), 
             v: repeat(&d.v),
             bias: d.bias.clone(),
         };
-        let got = owned(&mha, &run(dev, &mha, &dm))?;
+        let got = owned(&mha, &run_path(dev, path, &mha, &dm))?;
         prop_assert_eq!(
             bits(&got),
             bits(&whole),
@@ -718,9 +841,21 @@ fn layouts_padding_chunks_and_gqa_are_exact() {
     let Some(dev) = test_device() else { return };
     runner(48)
         .run(&(case(), 0usize..1000), |(c, split)| {
-            layouts_are_exact(dev, &c)?;
-            padding_is_exact(dev, &c)?;
-            chunks_and_gqa_are_exact(dev, &c, split)
+            layouts_are_exact(dev, AttnPath::Auto, &c)?;
+            padding_is_exact(dev, AttnPath::Auto, &c)?;
+            chunks_and_gqa_are_exact(dev, AttnPath::Auto, &c, split)
+        })
+        .unwrap();
+}
+
+#[test]
+fn layouts_padding_chunks_and_gqa_are_exact_wgmma() {
+    let Some(dev) = wgmma_device() else { return };
+    runner(48)
+        .run(&(wgmma_case(), 0usize..1000), |(c, split)| {
+            layouts_are_exact(dev, AttnPath::Wgmma, &c)?;
+            padding_is_exact(dev, AttnPath::Wgmma, &c)?;
+            chunks_and_gqa_are_exact(dev, AttnPath::Wgmma, &c, split)
         })
         .unwrap();
 }
@@ -759,8 +894,12 @@ fn device_buckets_match_rust() {
 fn masked_rows_are_zero_and_large_scores_stay_finite() {
     let Some(dev) = test_device() else { return };
     // Every key of sequence 1 padded: sequence 1's rows have no key; scores of magnitude ~1e5
-    // must not overflow the softmax. Both kernels.
-    for d in [64usize, 24] {
+    // must not overflow the softmax. Both kernels (and the wgmma kernel on sm_90a).
+    let mut runs = vec![(64usize, AttnPath::Auto), (24, AttnPath::Auto)];
+    if dev.info().has_sm90a() {
+        runs.extend([(64, AttnPath::Wgmma), (128, AttnPath::Wgmma)]);
+    }
+    for (d, path) in runs {
         let c = Case {
             shape: AttentionShape {
                 batch: 2,
@@ -789,7 +928,7 @@ fn masked_rows_are_zero_and_large_scores_stay_finite() {
         };
         big(&mut dt.q, 11);
         big(&mut dt.k, 12);
-        let o = owned(&c, &run(dev, &c, &dt)).unwrap();
+        let o = owned(&c, &run_path(dev, path, &c, &dt)).unwrap();
         let half = 70 * 2 * d;
         assert!(o[..half].iter().all(|x| x.is_finite()), "d={d}");
         assert!(o[half..].iter().all(|&x| x == 0.0), "d={d}");
@@ -855,6 +994,34 @@ fn bad_input_is_an_error_and_launches_nothing() {
         bidirectional: true,
     });
     assert!(call(&k, &p6, &mut out, &shape).is_err());
+    // The wgmma path where it cannot run (not sm_90a, or head_dim 64 on a 32-dim problem).
+    let wgmma = |shape: &AttentionShape, out: &mut cudarc::driver::CudaSlice<f32>| {
+        attention::attention_with_path::<f16>(
+            dev,
+            AttnPath::Wgmma,
+            shape,
+            &q,
+            ql,
+            &k,
+            kl,
+            &k,
+            kl,
+            &p,
+            out,
+            ql,
+        )
+    };
+    if !dev.info().has_sm90a() {
+        assert!(matches!(
+            wgmma(&shape, &mut out),
+            Err(Error::Unsupported(_))
+        ));
+        let empty = AttentionShape { q_len: 0, ..shape };
+        assert!(matches!(
+            wgmma(&empty, &mut out),
+            Err(Error::Unsupported(_))
+        ));
+    }
     // Nothing was written by any refused call; an empty problem writes nothing either.
     let empty = AttentionShape { q_len: 0, ..shape };
     call(&k, &p, &mut out, &empty).unwrap();
@@ -869,4 +1036,51 @@ fn bad_input_is_an_error_and_launches_nothing() {
     call(&k, &p, &mut out, &shape).unwrap();
     let o = dev.download(&out).unwrap();
     assert!(o.iter().all(|&x| x == 0.25), "{:?}", &o[..4]);
+}
+
+fn info(arch: &str, cc: (i32, i32)) -> DeviceInfo {
+    DeviceInfo {
+        name: format!("test {arch}"),
+        compute_capability: cc,
+        arch: arch.into(),
+        sm_count: 132,
+        l2_bytes: 50 << 20,
+        max_smem_per_block: 227 << 10,
+        total_mem: 80 << 30,
+    }
+}
+
+/// Path selection, host only: Auto keeps the mma.sync (or SIMT) kernels everywhere, Wgmma is
+/// refused off sm_90a and for head dimensions other than 64 and 128.
+#[test]
+fn path_selection() {
+    let (h100, a100, l4) = (
+        info("sm_90a", (9, 0)),
+        info("sm_80", (8, 0)),
+        info("sm_89", (8, 9)),
+    );
+    for d in [1usize, 32, 64, 80, 100, 128, 256, 1024] {
+        let default = AttnKernel::for_head_dim(d).unwrap();
+        for i in [&h100, &a100, &l4] {
+            assert_eq!(
+                attention::kernel_for(i, d, AttnPath::Auto).unwrap(),
+                default
+            );
+            assert_eq!(attention::kernel_for(i, d, AttnPath::Mma).unwrap(), default);
+        }
+        for i in [&a100, &l4] {
+            assert!(matches!(
+                attention::kernel_for(i, d, AttnPath::Wgmma),
+                Err(Error::Unsupported(_))
+            ));
+        }
+        let w = attention::kernel_for(&h100, d, AttnPath::Wgmma);
+        if attention::WGMMA_HEAD_DIMS.contains(&d) {
+            assert_eq!(w.unwrap(), AttnKernel::Wgmma { head_dim: d });
+        } else {
+            assert!(matches!(w, Err(Error::Unsupported(_))), "head_dim {d}");
+        }
+    }
+    assert_eq!(AttnPath::default(), AttnPath::Auto);
+    assert!(attention::kernel_for(&h100, 1025, AttnPath::Auto).is_err());
 }
