@@ -16,7 +16,8 @@
 //!   heads, head_dim]` (B = `bshd`), **f32 output**, self-attention (as many queries as keys),
 //!   bidirectional and causal (kernel `bidir` / `causal`), 32 heads of 64 and 16 of 128
 //!   (hidden 2048), 1k/4k/16k tokens per sequence (`--quick`: 1k/4k) with the batch making
-//!   16k tokens in all (shape `BATCHxSEQxDhHEADS`, e.g. `16x1024x64h32`). FLOPs are
+//!   16k tokens in all (shape `BATCHxSEQxDhHEADS`, e.g. `16x1024x64h32`); on sm_90a every
+//!   shape also runs on the opt-in `wgmma` kernel (B = `bshd-wgmma`, the same peer). FLOPs are
 //!   `4·pairs·head_dim·heads·batch` over the attended (query, key) pairs (`seq²`, causal
 //!   `seq·(seq+1)/2`), held to the calibrated tensor rate. The peer is PyTorch's
 //!   `scaled_dot_product_attention` with the flash backend forced, on contiguous f16
@@ -46,7 +47,7 @@ use std::time::{Duration, Instant};
 use tessera_core::attention::{AttentionShape, HeadLayout};
 use tessera_core::quant::{BlockQ4_0, BlockQ4_K, BlockQ8_0, QuantBlock};
 use tessera_core::{Transpose, bf16, f16};
-use tessera_cuda::attention::DeviceAttentionParams;
+use tessera_cuda::attention::{AttnPath, DeviceAttentionParams, WGMMA_HEAD_DIMS};
 use tessera_cuda::cudarc;
 use tessera_cuda::cudarc::driver::CudaSlice;
 use tessera_cuda::cudarc::driver::sys::CUevent_flags;
@@ -643,18 +644,42 @@ fn attention_copies(info: &DeviceInfo, s: &AttnBench) -> usize {
     rotation(info, s.input_bytes())
 }
 
-fn attention_cases(quick: bool) -> Vec<GpuCase> {
-    attention_shapes(quick)
-        .into_iter()
-        .map(|s| {
-            let case_id = s.case_id();
+/// The layout column of the rows that run the opt-in sm_90a `wgmma` kernel
+/// ([`AttnPath::Wgmma`]); the plain `bshd` rows run the default (`mma.sync`) one.
+pub const WGMMA_LAYOUT: &str = "bshd-wgmma";
+
+/// The row of shape `s` on the `wgmma` kernel.
+pub fn wgmma_case_id(s: &AttnBench) -> CaseId {
+    CaseId {
+        layout: WGMMA_LAYOUT.to_string(),
+        ..s.case_id()
+    }
+}
+
+/// The name under which the peer measured the shape of row `name` (both kernels' rows of a
+/// shape share one peer measurement).
+pub fn sdpa_name(name: &str) -> String {
+    name.replace(&format!("/{WGMMA_LAYOUT}/"), "/bshd/")
+}
+
+/// Every shape on the default kernel, and on sm_90a also on the `wgmma` one (head dims 64 and
+/// 128 both qualify).
+fn attention_cases(quick: bool, sm90a: bool) -> Vec<GpuCase> {
+    let mut cases = Vec::new();
+    for s in attention_shapes(quick) {
+        let mut paths = vec![(s.case_id(), AttnPath::Mma)];
+        if sm90a && WGMMA_HEAD_DIMS.contains(&s.head_dim) {
+            paths.push((wgmma_case_id(&s), AttnPath::Wgmma));
+        }
+        for (case_id, path) in paths {
             let c2 = case_id.clone();
-            GpuCase {
+            cases.push(GpuCase {
                 id: case_id,
-                run: Box::new(move |d, c, q| attention_case(d, c, q, s, c2)),
-            }
-        })
-        .collect()
+                run: Box::new(move |d, c, q| attention_case(d, c, q, s, path, c2)),
+            });
+        }
+    }
+    cases
 }
 
 fn attention_case(
@@ -662,6 +687,7 @@ fn attention_case(
     cal: &GpuCalibration,
     quick: bool,
     s: AttnBench,
+    path: AttnPath,
     case: CaseId,
 ) -> Result<Row> {
     let shape = s.shape();
@@ -686,8 +712,8 @@ fn attention_case(
     };
     let ours = time_gpu(dev, quick, |i| {
         let (q, k, v) = &inputs[i % copies];
-        tessera_cuda::attention::attention::<f16>(
-            dev, &shape, q, layout, k, layout, v, layout, &params, &mut out, layout,
+        tessera_cuda::attention::attention_with_path::<f16>(
+            dev, path, &shape, q, layout, k, layout, v, layout, &params, &mut out, layout,
         )
         .map_err(Into::into)
     })?;
@@ -1202,7 +1228,7 @@ pub fn run(cfg: &GpuConfig) -> Result<GpuOutcome> {
         match *f {
             "gemm" => cases.extend(gemm_cases(&info, cfg.quick)),
             "quant" => cases.extend(quant_cases(cfg.quick)),
-            "attention" => cases.extend(attention_cases(cfg.quick)),
+            "attention" => cases.extend(attention_cases(cfg.quick, info.has_sm90a())),
             "kv_cache" => cases.extend(kv_cases(cfg.quick)),
             "model" => cases.extend(super::cuda_model::cases(cfg.quick)),
             _ => {}
@@ -1240,7 +1266,10 @@ pub fn run(cfg: &GpuConfig) -> Result<GpuOutcome> {
     let attn: Vec<(AttnBench, usize)> = if families.contains(&"attention") {
         attention_shapes(cfg.quick)
             .into_iter()
-            .filter(|s| selected.contains(&s.case_id().name()))
+            .filter(|s| {
+                selected.contains(&s.case_id().name())
+                    || selected.contains(&wgmma_case_id(s).name())
+            })
             .map(|s| (s, attention_copies(&info, &s)))
             .collect()
     } else {
@@ -1278,7 +1307,7 @@ pub fn run(cfg: &GpuConfig) -> Result<GpuOutcome> {
         match (case.run)(&dev, &calibration, cfg.quick) {
             Ok(mut r) => {
                 if let (Some(peer), "attention") = (&sdpa, case.id.family) {
-                    peer.attach(&mut r, &name);
+                    peer.attach(&mut r, &sdpa_name(&name));
                 }
                 println!("{}", report::format_row(&r));
                 if let Some(note) = report::format_note(&r) {
@@ -1394,11 +1423,21 @@ mod tests {
             full[0].case_id().name(),
             "attention/bidir/16x1024x64h32/f16/bshd/t1"
         );
-        // The cases are the shapes, in order.
-        let cases = attention_cases(false);
+        // The cases are the shapes, in order; on sm_90a each is followed by its wgmma row,
+        // which shares the shape's peer measurement.
+        let cases = attention_cases(false, false);
         assert_eq!(cases.len(), full.len());
         for (c, s) in cases.iter().zip(&full) {
             assert_eq!(c.id, s.case_id());
+        }
+        let hopper = attention_cases(false, true);
+        assert_eq!(hopper.len(), 2 * full.len());
+        for (pair, s) in hopper.chunks(2).zip(&full) {
+            assert_eq!(pair[0].id, s.case_id());
+            assert_eq!(pair[1].id, wgmma_case_id(s));
+            assert_eq!(pair[1].id.layout, WGMMA_LAYOUT);
+            assert_eq!(sdpa_name(&pair[1].id.name()), s.case_id().name());
+            assert_eq!(sdpa_name(&pair[0].id.name()), s.case_id().name());
         }
     }
 
