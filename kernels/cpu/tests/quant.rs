@@ -336,6 +336,27 @@ fn check_against_dequantized<W: TestWeight>(p: &Problem, isa: Isa) {
     }
 }
 
+prop_compose! {
+    /// Q4_K rows of 15 to 40 super-blocks: across the tiles' chunks of unpacked block scales
+    /// (16 blocks on AVX2), with several tokens.
+    fn long_q4_k_problem()(
+        m in 2usize..=20, n in 1usize..=9, kb in 15usize..=40,
+        lda_pad in 0usize..3, ldc_pad in 0usize..3,
+        quantized_weights in any::<bool>(), seed in any::<u64>(),
+    ) -> Problem {
+        Problem { m, n, kb, lda_pad, ldc_pad, quantized_weights, seed }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 12, ..ProptestConfig::default() })]
+
+    #[test]
+    fn q4_k_long_rows_match_reference(p in long_q4_k_problem()) {
+        check_all_isas::<BlockQ4_K>(&p);
+    }
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
 

@@ -9,7 +9,10 @@
 //!   offset of 8 is subtracted as `8·Σa` (the block sums the quantizer provides).
 //!
 //! Tiles: `MR` weight rows × `NR` tokens of f32 accumulators (8 lanes each); every weight
-//! block is loaded and unpacked once per tile, every activation block once per tile. Edge
+//! block is loaded and unpacked once per tile, every activation block once per tile. Q4_K
+//! tiles take up to 16 tokens: a row's block scales (6-bit packed, the costly part of a
+//! Q4_K block to unpack) are unpacked once per 16 blocks and reused by every 4 tokens, which
+//! keep their accumulators in registers. Edge
 //! tiles point the missing rows / tokens at row / token 0 and discard those results, so no
 //! read goes past the operands. One token (decode) takes a GEMV path instead: one weight row
 //! at a time, four independent accumulators, and a software prefetch a few blocks ahead, so
@@ -48,8 +51,15 @@ const Q8_MR: usize = 3;
 const Q8_NR: usize = 2;
 const Q4_MR: usize = 3;
 const Q4_NR: usize = 2;
-const QK_MR: usize = 2;
-const QK_NR: usize = 2;
+const QK_MR: usize = 1;
+/// Tokens of one Q4_K tile call: the rows' block scales are unpacked once per call (per
+/// [`QK_KC`] blocks) and reused by every token, instead of once per pair of tokens.
+const QK_NR: usize = 16;
+/// Tokens whose accumulators a Q4_K tile keeps in registers at a time.
+const QK_NT: usize = 4;
+/// Blocks whose scales a Q4_K tile unpacks at a time (the rows' blocks stay in L1 while every
+/// token pair walks them).
+const QK_KC: usize = 16;
 
 /// Blocks ahead of the current one that the GEMV prefetches (about 1 KiB).
 const PREFETCH_BYTES: usize = 1024;
@@ -411,6 +421,42 @@ unsafe fn q4_k_scales(blk: &BlockQ4_K) -> Q4kScales {
     }
 }
 
+/// A Q4_K block's scales unpacked for the integer products: the 8 sub-block scales, the
+/// mins laid out against the activation's 16 `bsums` (`[m0, m0, m1, m1, …]`), and `d`,
+/// `dmin` widened to f32.
+#[derive(Clone, Copy)]
+struct Q4kUnpacked {
+    sc: [i16; 8],
+    mins: [i16; 16],
+    d: f32,
+    dmin: f32,
+}
+
+impl Q4kUnpacked {
+    const ZERO: Q4kUnpacked = Q4kUnpacked {
+        sc: [0; 8],
+        mins: [0; 16],
+        d: 0.0,
+        dmin: 0.0,
+    };
+
+    #[inline(always)]
+    fn of(blk: &BlockQ4_K) -> Q4kUnpacked {
+        let mut u = Q4kUnpacked {
+            d: blk.d.to_f32(),
+            dmin: blk.dmin.to_f32(),
+            ..Q4kUnpacked::ZERO
+        };
+        for j in 0..8 {
+            let (s, m) = blk.scale_min(j);
+            u.sc[j] = s as i16;
+            u.mins[2 * j] = m as i16;
+            u.mins[2 * j + 1] = m as i16;
+        }
+        u
+    }
+}
+
 /// # Safety
 /// See [`super::TileFn`].
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -420,7 +466,93 @@ unsafe fn tile_q4_k(t: &Tile<BlockQ4_K>) {
         if t.tokens == 1 {
             tile_q4_k_mn::<1, 1>(t)
         } else {
-            tile_q4_k_mn::<QK_MR, QK_NR>(t)
+            tile_q4_k_tokens(t)
+        }
+    }
+}
+
+/// The Q4_K tile of up to [`QK_NR`] tokens: per [`QK_KC`] blocks, the rows' scales are
+/// unpacked once, then every pair of tokens walks those blocks with its accumulators in
+/// registers (parked in `acc` between block chunks). Per block and (row, token) the
+/// arithmetic is `tile_q4_k_mn`'s, in the same order, so the results are the same bits.
+#[inline(always)]
+unsafe fn tile_q4_k_tokens(t: &Tile<BlockQ4_K>) {
+    const MR: usize = QK_MR;
+    const NT: usize = QK_NT;
+    const PAIRS: usize = QK_NR.div_ceil(QK_NT);
+    // SAFETY: as in `tile_q8_0_mn`: rows beyond `t.rows` and tokens beyond `t.tokens` alias
+    // row / token 0 (read, never stored); blocks b < kb of every row and token exist; the
+    // unpacked scales are indexed below `nb <= QK_KC`, the parked accumulators below the
+    // number of token pairs (`tokens <= QK_NR`).
+    unsafe {
+        let m4 = _mm256_set1_epi8(0x0f);
+        let wp: [*const BlockQ4_K; MR] = row_ptrs(t.w, t.ldw, t.rows);
+        let mut acc = [[[_mm256_setzero_ps(); NT]; MR]; PAIRS];
+        let mut un = [[Q4kUnpacked::ZERO; QK_KC]; MR];
+        for b0 in (0..t.kb).step_by(QK_KC) {
+            let nb = QK_KC.min(t.kb - b0);
+            for r in 0..MR {
+                for i in 0..nb {
+                    un[r][i] = Q4kUnpacked::of(&*wp[r].add(b0 + i));
+                }
+            }
+            for (p, j0) in (0..t.tokens).step_by(NT).enumerate() {
+                let ap: [*const BlockQ8_K; NT] =
+                    row_ptrs(t.a.add(j0 * t.lda), t.lda, (t.tokens - j0).min(NT));
+                let mut a = acc[p];
+                for i in 0..nb {
+                    let b = b0 + i;
+                    let mut ad = [_mm256_setzero_ps(); NT];
+                    for j in 0..NT {
+                        ad[j] = _mm256_broadcast_ss(&(*ap[j].add(b)).d);
+                    }
+                    for r in 0..MR {
+                        let blk = &*wp[r].add(b);
+                        let u = &un[r][i];
+                        let mut isum = [_mm256_setzero_si256(); NT];
+                        for g in 0..QK_K / 64 {
+                            let x = _mm256_loadu_si256(blk.qs.as_ptr().add(32 * g).cast());
+                            let lo = _mm256_and_si256(x, m4);
+                            let hi = _mm256_and_si256(_mm256_srli_epi16(x, 4), m4);
+                            let s_lo = _mm256_set1_epi16(u.sc[2 * g]);
+                            let s_hi = _mm256_set1_epi16(u.sc[2 * g + 1]);
+                            for j in 0..NT {
+                                let q = (*ap[j].add(b)).qs.as_ptr();
+                                let a_lo = _mm256_loadu_si256(q.add(64 * g).cast());
+                                let a_hi = _mm256_loadu_si256(q.add(64 * g + 32).cast());
+                                let p_lo = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, a_lo), s_lo);
+                                let p_hi = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, a_hi), s_hi);
+                                isum[j] = _mm256_add_epi32(isum[j], _mm256_add_epi32(p_lo, p_hi));
+                            }
+                        }
+                        let dw = _mm256_set1_ps(u.d);
+                        let dmin = _mm256_set1_ps(u.dmin);
+                        let mins_w = _mm256_loadu_si256(u.mins.as_ptr().cast());
+                        for j in 0..NT {
+                            let bsums = _mm256_loadu_si256((*ap[j].add(b)).bsums.as_ptr().cast());
+                            let mins = _mm256_madd_epi16(bsums, mins_w);
+                            let v = _mm256_fmadd_ps(
+                                _mm256_cvtepi32_ps(isum[j]),
+                                _mm256_mul_ps(dw, ad[j]),
+                                a[r][j],
+                            );
+                            a[r][j] = _mm256_fnmadd_ps(
+                                _mm256_cvtepi32_ps(mins),
+                                _mm256_mul_ps(dmin, ad[j]),
+                                v,
+                            );
+                        }
+                    }
+                }
+                acc[p] = a;
+            }
+        }
+        for (p, j0) in (0..t.tokens).step_by(NT).enumerate() {
+            for r in 0..t.rows {
+                for j in 0..NT.min(t.tokens - j0) {
+                    *t.c.add((j0 + j) * t.ldc + r) = hsum(acc[p][r][j]);
+                }
+            }
         }
     }
 }
