@@ -2,7 +2,8 @@
 
 use super::{
     Activation, AttentionParams, AttentionShape, Backend, DecodeParams, HeadsRef, KvCacheConfig,
-    SeqId, Tensor, WeightDType, quantize_blocks,
+    SeqId, Tensor, WeightDType, check_attention_out, check_decode_out, check_gated, check_linear,
+    check_values, check_vector, gather_ids, quantize_blocks, tensor_len,
 };
 use crate::{Error, Result};
 use half::{bf16, f16};
@@ -88,12 +89,7 @@ impl CpuTensor {
     }
 
     fn vector(&self, name: &str, len: usize) -> Result<&[f32]> {
-        if self.rows != 1 || self.cols != len {
-            return Err(Error::Invalid(format!(
-                "{name}: expected a [1, {len}] tensor, got [{}, {}]",
-                self.rows, self.cols
-            )));
-        }
+        check_vector(self, name, len)?;
         Ok(&self.data)
     }
 }
@@ -200,9 +196,7 @@ impl Backend for Cpu {
     }
 
     fn zeros(&self, rows: usize, cols: usize) -> Result<CpuTensor> {
-        let len = rows
-            .checked_mul(cols)
-            .ok_or_else(|| Error::Invalid(format!("a {rows}x{cols} tensor overflows usize")))?;
+        let len = tensor_len(rows, cols)?;
         Ok(CpuTensor {
             data: vec![0.0; len],
             rows,
@@ -211,13 +205,8 @@ impl Backend for Cpu {
     }
 
     fn upload(&self, rows: usize, cols: usize, data: &[f32]) -> Result<CpuTensor> {
+        check_values("upload", rows, cols, data.len())?;
         let mut t = self.zeros(rows, cols)?;
-        if data.len() != t.data.len() {
-            return Err(Error::Invalid(format!(
-                "upload: {} values for a {rows}x{cols} tensor",
-                data.len()
-            )));
-        }
         t.data.copy_from_slice(data);
         Ok(t)
     }
@@ -227,12 +216,7 @@ impl Backend for Cpu {
     }
 
     fn weight(&self, n: usize, k: usize, data: &[f32], dtype: WeightDType) -> Result<CpuWeight> {
-        if n.checked_mul(k) != Some(data.len()) {
-            return Err(Error::Invalid(format!(
-                "weight: {} values for a {n}x{k} matrix",
-                data.len()
-            )));
-        }
+        check_values("weight", n, k, data.len())?;
         Ok(match dtype.for_width(k) {
             WeightDType::F32 => CpuWeight::F32 {
                 n,
@@ -287,12 +271,7 @@ impl Backend for Cpu {
         out: &mut CpuTensor,
     ) -> Result<()> {
         let (n, k, dtype) = self.weight_info(w);
-        if x.cols != k || out.rows != x.rows || out.cols != n {
-            return Err(Error::Invalid(format!(
-                "linear: x [{}, {}] · Wᵀ [{k}, {n}] into [{}, {}]",
-                x.rows, x.cols, out.rows, out.cols
-            )));
-        }
+        check_linear(x, n, k, out)?;
         let xm = x.mat();
         let om = out.mat_mut();
         match w {
@@ -336,11 +315,7 @@ impl Backend for Cpu {
     }
 
     fn gather_rows(&self, x: &CpuTensor, rows: &[usize], out: &mut CpuTensor) -> Result<()> {
-        let ids = rows
-            .iter()
-            .map(|&r| u32::try_from(r))
-            .collect::<std::result::Result<Vec<u32>, _>>()
-            .map_err(|_| Error::Invalid("gather_rows: row index above u32::MAX".into()))?;
+        let ids = gather_ids(rows)?;
         ops::embedding_with(&self.ops(), x.mat(), &ids, out.mat_mut())?;
         Ok(())
     }
@@ -377,17 +352,7 @@ impl Backend for Cpu {
     }
 
     fn gated(&self, act: Activation, x: &CpuTensor, out: &mut CpuTensor) -> Result<()> {
-        let n = out.cols;
-        if x.cols != 2 * n || x.rows != out.rows {
-            return Err(Error::Invalid(format!(
-                "gated: input [{}, {}] for an output [{}, {n}] (needs [{}, {}])",
-                x.rows,
-                x.cols,
-                out.rows,
-                out.rows,
-                2 * n
-            )));
-        }
+        let n = check_gated(x, out)?;
         let gate = MatRef::new(&x.data, x.rows, n, x.cols);
         let up = MatRef::new(x.data.get(n..).unwrap_or(&[]), x.rows, n, x.cols);
         ops::gated_activation_with(&self.ops(), act, gate, up, out.mat_mut())?;
@@ -463,16 +428,7 @@ impl Backend for Cpu {
         out: &mut CpuTensor,
         params: &AttentionParams<'_>,
     ) -> Result<()> {
-        let cols = shape
-            .n_heads
-            .checked_mul(shape.head_dim)
-            .ok_or_else(|| Error::Invalid("attention: heads × head_dim overflows".into()))?;
-        if out.cols != cols || Some(out.rows) != shape.batch.checked_mul(shape.q_len) {
-            return Err(Error::Invalid(format!(
-                "attention: output [{}, {}] for {shape:?}",
-                out.rows, out.cols
-            )));
-        }
+        check_attention_out(shape, out)?;
         let opts = AttentionOptions {
             isa: Some(self.isa),
             parallelism: self.par,
@@ -520,14 +476,7 @@ impl Backend for Cpu {
         params: &DecodeParams<'_>,
     ) -> Result<()> {
         let d = cache.config().head_dim;
-        if out.rows != seqs.len() || Some(out.cols) != n_heads.checked_mul(d) {
-            return Err(Error::Invalid(format!(
-                "decode attention: output [{}, {}] for {} sequences × {n_heads} heads × {d}",
-                out.rows,
-                out.cols,
-                seqs.len()
-            )));
-        }
+        check_decode_out(seqs.len(), n_heads, d, out)?;
         let opts = DecodeOptions {
             isa: Some(self.isa),
             parallelism: self.par,

@@ -31,7 +31,8 @@
 
 use super::{
     Activation, AttentionParams, AttentionShape, Backend, DecodeParams, HeadsRef, KvCacheConfig,
-    SeqId, Tensor, WeightDType, quantize_blocks,
+    SeqId, Tensor, WeightDType, check_attention_out, check_decode_out, check_gated, check_linear,
+    check_values, check_vector, gather_ids, quantize_blocks, tensor_len,
 };
 use crate::{Error, Result};
 use tessera_core::attention::{Bias, HeadLayout, KeyPadding};
@@ -103,12 +104,7 @@ impl CudaTensor {
 
     /// Checks that the tensor is a `[1, len]` vector.
     fn vector(&self, name: &str, len: usize) -> Result<&CudaSlice<f32>> {
-        if self.rows != 1 || self.cols != len {
-            return Err(Error::Invalid(format!(
-                "{name}: expected a [1, {len}] tensor, got [{}, {}]",
-                self.rows, self.cols
-            )));
-        }
+        check_vector(self, name, len)?;
         Ok(&self.data)
     }
 }
@@ -173,9 +169,7 @@ impl<'d> Backend for Cuda<'d> {
     }
 
     fn zeros(&self, rows: usize, cols: usize) -> Result<CudaTensor> {
-        let len = rows
-            .checked_mul(cols)
-            .ok_or_else(|| Error::Invalid(format!("a {rows}x{cols} tensor overflows usize")))?;
+        let len = tensor_len(rows, cols)?;
         Ok(CudaTensor {
             data: self.dev.alloc_zeros(len)?,
             rows,
@@ -184,12 +178,7 @@ impl<'d> Backend for Cuda<'d> {
     }
 
     fn upload(&self, rows: usize, cols: usize, data: &[f32]) -> Result<CudaTensor> {
-        if rows.checked_mul(cols) != Some(data.len()) {
-            return Err(Error::Invalid(format!(
-                "upload: {} values for a {rows}x{cols} tensor",
-                data.len()
-            )));
-        }
+        check_values("upload", rows, cols, data.len())?;
         Ok(CudaTensor {
             data: self.dev.upload(data)?,
             rows,
@@ -202,12 +191,7 @@ impl<'d> Backend for Cuda<'d> {
     }
 
     fn weight(&self, n: usize, k: usize, data: &[f32], dtype: WeightDType) -> Result<CudaWeight> {
-        if n.checked_mul(k) != Some(data.len()) {
-            return Err(Error::Invalid(format!(
-                "weight: {} values for a {n}x{k} matrix",
-                data.len()
-            )));
-        }
+        check_values("weight", n, k, data.len())?;
         let dev = self.dev;
         let (dtype, data) = match dtype.for_width(k) {
             // No f32 GEMM on the GPU: two f16 terms (module docs).
@@ -276,12 +260,7 @@ impl<'d> Backend for Cuda<'d> {
         out: &mut CudaTensor,
     ) -> Result<()> {
         let (m, n, k) = (x.rows, w.n, w.k);
-        if x.cols != k || out.rows != m || out.cols != n {
-            return Err(Error::Invalid(format!(
-                "linear: x [{}, {}] · Wᵀ [{k}, {n}] into [{}, {}]",
-                x.rows, x.cols, out.rows, out.cols
-            )));
-        }
+        check_linear(x, n, k, out)?;
         let bias = bias.map(|b| b.vector("linear bias", n)).transpose()?;
         if m == 0 || n == 0 {
             return Ok(());
@@ -355,11 +334,7 @@ impl<'d> Backend for Cuda<'d> {
     }
 
     fn gather_rows(&self, x: &CudaTensor, rows: &[usize], out: &mut CudaTensor) -> Result<()> {
-        let ids = rows
-            .iter()
-            .map(|&r| u32::try_from(r))
-            .collect::<std::result::Result<Vec<u32>, _>>()
-            .map_err(|_| Error::Invalid("gather_rows: row index above u32::MAX".into()))?;
+        let ids = gather_ids(rows)?;
         ops::embedding(self.dev, x.mat(), &x.data, &ids, out.mat(), &mut out.data)?;
         Ok(())
     }
@@ -399,17 +374,7 @@ impl<'d> Backend for Cuda<'d> {
     }
 
     fn gated(&self, act: Activation, x: &CudaTensor, out: &mut CudaTensor) -> Result<()> {
-        let n = out.cols;
-        if Some(x.cols) != n.checked_mul(2) || x.rows != out.rows {
-            return Err(Error::Invalid(format!(
-                "gated: input [{}, {}] for an output [{}, {n}] (needs [{}, {}])",
-                x.rows,
-                x.cols,
-                out.rows,
-                out.rows,
-                2 * n
-            )));
-        }
+        let n = check_gated(x, out)?;
         if x.rows == 0 || n == 0 {
             return Ok(());
         }
@@ -461,16 +426,7 @@ impl<'d> Backend for Cuda<'d> {
         out: &mut CudaTensor,
         params: &AttentionParams<'_>,
     ) -> Result<()> {
-        let cols = shape
-            .n_heads
-            .checked_mul(shape.head_dim)
-            .ok_or_else(|| Error::Invalid("attention: heads × head_dim overflows".into()))?;
-        if out.cols != cols || Some(out.rows) != shape.batch.checked_mul(shape.q_len) {
-            return Err(Error::Invalid(format!(
-                "attention: output [{}, {}] for {shape:?}",
-                out.rows, out.cols
-            )));
-        }
+        check_attention_out(shape, out)?;
         // Offsets first: a bad one is an error before anything is converted.
         for (h, name) in [(&q, "Q"), (&k, "K"), (&v, "V")] {
             view(h, name)?;
@@ -596,14 +552,7 @@ impl<'d> Backend for Cuda<'d> {
         params: &DecodeParams<'_>,
     ) -> Result<()> {
         let d = cache.config().head_dim;
-        if out.rows != seqs.len() || Some(out.cols) != n_heads.checked_mul(d) {
-            return Err(Error::Invalid(format!(
-                "decode attention: output [{}, {}] for {} sequences × {n_heads} heads × {d}",
-                out.rows,
-                out.cols,
-                seqs.len()
-            )));
-        }
+        check_decode_out(seqs.len(), n_heads, d, out)?;
         let qv = view(&q, "Q")?;
         let table = params.bias.map(|r| self.dev.upload(r.table)).transpose()?;
         let dp = DeviceDecodeParams {

@@ -152,6 +152,108 @@ pub trait Tensor {
     fn cols(&self) -> usize;
 }
 
+// ---------------------------------------------------------------------------------------
+// The argument checks every backend makes before it touches a buffer.
+
+/// `rows · cols` elements, or an error when that overflows.
+pub(crate) fn tensor_len(rows: usize, cols: usize) -> Result<usize> {
+    rows.checked_mul(cols)
+        .ok_or_else(|| crate::Error::Invalid(format!("a {rows}x{cols} tensor overflows usize")))
+}
+
+/// `what` (`upload`, `weight`) got `len` values for a `rows x cols` matrix.
+pub(crate) fn check_values(what: &str, rows: usize, cols: usize, len: usize) -> Result<()> {
+    if rows.checked_mul(cols) != Some(len) {
+        return Err(crate::Error::Invalid(format!(
+            "{what}: {len} values for a {rows}x{cols} matrix"
+        )));
+    }
+    Ok(())
+}
+
+/// `t` is a `[1, len]` vector (a bias, a norm weight).
+pub(crate) fn check_vector<T: Tensor>(t: &T, name: &str, len: usize) -> Result<()> {
+    if t.rows() != 1 || t.cols() != len {
+        return Err(crate::Error::Invalid(format!(
+            "{name}: expected a [1, {len}] tensor, got [{}, {}]",
+            t.rows(),
+            t.cols()
+        )));
+    }
+    Ok(())
+}
+
+/// `out = x · Wᵀ` for a weight `[n, k]`.
+pub(crate) fn check_linear<T: Tensor>(x: &T, n: usize, k: usize, out: &T) -> Result<()> {
+    if x.cols() != k || out.rows() != x.rows() || out.cols() != n {
+        return Err(crate::Error::Invalid(format!(
+            "linear: x [{}, {}] · Wᵀ [{k}, {n}] into [{}, {}]",
+            x.rows(),
+            x.cols(),
+            out.rows(),
+            out.cols()
+        )));
+    }
+    Ok(())
+}
+
+/// `x` is `[m, 2n]` for a gated output `[m, n]`; returns `n`.
+pub(crate) fn check_gated<T: Tensor>(x: &T, out: &T) -> Result<usize> {
+    let n = out.cols();
+    if Some(x.cols()) != n.checked_mul(2) || x.rows() != out.rows() {
+        return Err(crate::Error::Invalid(format!(
+            "gated: input [{}, {}] for an output [{}, {n}] (needs [{}, {}])",
+            x.rows(),
+            x.cols(),
+            out.rows(),
+            out.rows(),
+            2 * n
+        )));
+    }
+    Ok(n)
+}
+
+/// Row indices as the `u32` ids of a gather.
+pub(crate) fn gather_ids(rows: &[usize]) -> Result<Vec<u32>> {
+    rows.iter()
+        .map(|&r| u32::try_from(r))
+        .collect::<std::result::Result<Vec<u32>, _>>()
+        .map_err(|_| crate::Error::Invalid("gather_rows: row index above u32::MAX".into()))
+}
+
+/// The attention output is `[batch·q_len, n_heads·head_dim]`.
+pub(crate) fn check_attention_out<T: Tensor>(shape: &AttentionShape, out: &T) -> Result<()> {
+    let cols = shape
+        .n_heads
+        .checked_mul(shape.head_dim)
+        .ok_or_else(|| crate::Error::Invalid("attention: heads × head_dim overflows".into()))?;
+    if out.cols() != cols || Some(out.rows()) != shape.batch.checked_mul(shape.q_len) {
+        return Err(crate::Error::Invalid(format!(
+            "attention: output [{}, {}] for {shape:?}",
+            out.rows(),
+            out.cols()
+        )));
+    }
+    Ok(())
+}
+
+/// The decode-attention output is `[seqs, n_heads·head_dim]`.
+pub(crate) fn check_decode_out<T: Tensor>(
+    seqs: usize,
+    n_heads: usize,
+    head_dim: usize,
+    out: &T,
+) -> Result<()> {
+    if out.rows() != seqs || Some(out.cols()) != n_heads.checked_mul(head_dim) {
+        return Err(crate::Error::Invalid(format!(
+            "decode attention: output [{}, {}] for {seqs} sequences × {n_heads} heads × {head_dim}",
+            out.rows(),
+            out.cols()
+        )));
+    }
+    Ok(())
+}
+
 /// A view of attention heads inside a tensor: element `(b, s, h, :)` starts at
 /// `offset + layout.offset(b, s, h)` in the tensor's row-major storage.
 pub struct HeadsRef<'a, T> {
