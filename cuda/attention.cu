@@ -224,6 +224,39 @@ TESSERA_DEVICE int attn_len_b(const AttnArgs& a, int b) {
 #define ATTN_BM 64
 #define ATTN_BN 64
 
+// What a block of BM query rows of one (batch entry, head) works on (both kernels' grid:
+// x reversed so the longest causal blocks start first, y the head, z the batch entry).
+struct AttnBlock {
+    int h, b, i0;
+    int len_b;    // keys of sequence b (padding lengths)
+    int k_end;    // keys any row of the block sees
+    int k_full;   // keys every row of the block sees
+    int n_tiles;  // key tiles of BN up to k_end
+    const uint16_t* qg;
+    const uint16_t* kg;
+    const uint16_t* vg;
+    const uint8_t* maskb;  // sequence b's padding mask, or null
+};
+
+template <int BM, int BN>
+TESSERA_DEVICE AttnBlock attn_block(const AttnArgs& a) {
+    AttnBlock k;
+    k.h = blockIdx.y;
+    k.b = blockIdx.z;
+    const int g = k.h / a.group;
+    k.i0 = (gridDim.x - 1 - blockIdx.x) * BM;
+    k.len_b = attn_len_b(a, k.b);
+    const int i_last = min(k.i0 + BM, a.q_len) - 1;
+    k.k_end = a.causal ? min(k.len_b, a.q_offset + i_last + 1) : k.len_b;
+    k.k_full = a.causal ? min(k.len_b, a.q_offset + k.i0 + 1) : k.len_b;
+    k.n_tiles = (k.k_end + BN - 1) / BN;
+    k.qg = static_cast<const uint16_t*>(a.q) + (int64_t)k.b * a.q_bs + (int64_t)k.h * a.q_hs;
+    k.kg = static_cast<const uint16_t*>(a.k) + (int64_t)k.b * a.k_bs + (int64_t)g * a.k_hs;
+    k.vg = static_cast<const uint16_t*>(a.v) + (int64_t)k.b * a.v_bs + (int64_t)g * a.v_hs;
+    k.maskb = a.mask ? a.mask + (int64_t)k.b * a.kv_len : nullptr;
+    return k;
+}
+
 // sRel[x] = relative-bias term of relative position j0 + x − (BM − 1) − (q_offset + i0), for
 // x < BM + BN − 1: entry c − r + BM − 1 is the bias of (row i0 + r, key j0 + c).
 TESSERA_DEVICE void attn_rel_fill(float* sRel, const AttnArgs& a, int h, int i0, int j0, int tid, int nthreads) {
@@ -373,23 +406,12 @@ __device__ __forceinline__ void attn_fwd_mma(const AttnArgs& a) {
     float* sRel = reinterpret_cast<float*>(sV + BN * LD);
 
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-    const int m_block = gridDim.x - 1 - blockIdx.x;
-    const int h = blockIdx.y, b = blockIdx.z;
-    const int g = h / a.group;
-    const int i0 = m_block * BM;
     const bool vec = a.vec != 0;
-
-    const int len_b = attn_len_b(a, b);
-    const int i_last = min(i0 + BM, a.q_len) - 1;
-    // Keys any row of the block sees, and keys every row sees.
-    const int k_end = a.causal ? min(len_b, a.q_offset + i_last + 1) : len_b;
-    const int k_full = a.causal ? min(len_b, a.q_offset + i0 + 1) : len_b;
-    const int n_tiles = (k_end + BN - 1) / BN;
-
-    const uint16_t* qg = static_cast<const uint16_t*>(a.q) + (int64_t)b * a.q_bs + (int64_t)h * a.q_hs;
-    const uint16_t* kg = static_cast<const uint16_t*>(a.k) + (int64_t)b * a.k_bs + (int64_t)g * a.k_hs;
-    const uint16_t* vg = static_cast<const uint16_t*>(a.v) + (int64_t)b * a.v_bs + (int64_t)g * a.v_hs;
-    const uint8_t* maskb = a.mask ? a.mask + (int64_t)b * a.kv_len : nullptr;
+    const AttnBlock blk = attn_block<BM, BN>(a);
+    const int h = blk.h, b = blk.b, i0 = blk.i0;
+    const int len_b = blk.len_b, k_end = blk.k_end, k_full = blk.k_full, n_tiles = blk.n_tiles;
+    const uint16_t *qg = blk.qg, *kg = blk.kg, *vg = blk.vg;
+    const uint8_t* maskb = blk.maskb;
 
     // Q tile (rows past q_len are zero); K or V tile `t` into `s` (rows past k_end, or masked
     // out by the padding mask, are zero).
@@ -642,22 +664,12 @@ __device__ __forceinline__ void attn_fwd_wgmma(const AttnArgs& a) {
     float* sRel = reinterpret_cast<float*>(sQ + 5 * TILE);
 
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-    const int m_block = gridDim.x - 1 - blockIdx.x;
-    const int h = blockIdx.y, b = blockIdx.z;
-    const int g = h / a.group;
-    const int i0 = m_block * BM;
     const bool vec = a.vec != 0;
-
-    const int len_b = attn_len_b(a, b);
-    const int i_last = min(i0 + BM, a.q_len) - 1;
-    const int k_end = a.causal ? min(len_b, a.q_offset + i_last + 1) : len_b;
-    const int k_full = a.causal ? min(len_b, a.q_offset + i0 + 1) : len_b;
-    const int n_tiles = (k_end + BN - 1) / BN;
-
-    const uint16_t* qg = static_cast<const uint16_t*>(a.q) + (int64_t)b * a.q_bs + (int64_t)h * a.q_hs;
-    const uint16_t* kg = static_cast<const uint16_t*>(a.k) + (int64_t)b * a.k_bs + (int64_t)g * a.k_hs;
-    const uint16_t* vg = static_cast<const uint16_t*>(a.v) + (int64_t)b * a.v_bs + (int64_t)g * a.v_hs;
-    const uint8_t* maskb = a.mask ? a.mask + (int64_t)b * a.kv_len : nullptr;
+    const AttnBlock blk = attn_block<BM, BN>(a);
+    const int h = blk.h, b = blk.b, i0 = blk.i0;
+    const int len_b = blk.len_b, k_end = blk.k_end, k_full = blk.k_full, n_tiles = blk.n_tiles;
+    const uint16_t *qg = blk.qg, *kg = blk.kg, *vg = blk.vg;
+    const uint8_t* maskb = blk.maskb;
 
     auto swz = [](int r, int c) { return attn_wgmma_smem_off(r, c); };
     // Key tile t (K, V, relative-bias row) into buffer `buf`.
