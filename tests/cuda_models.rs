@@ -19,9 +19,7 @@
 mod common;
 
 use common::{Reference, compare, fixture_dirs, fixtures, lossy_bound, rel_err};
-use tessera::backend::{Cpu, Cuda, KvDType, WeightDType};
-use tessera::loader::Checkpoint;
-use tessera::models::{GenerateOptions, LoadOptions, Model};
+use tessera::backend::{Cpu, Cuda, WeightDType};
 use tessera_cuda::test_device;
 
 /// The bound for f32 checkpoints computed in f16 on the GPU.
@@ -98,41 +96,7 @@ fn reduced_precision_and_quantized_weights_match_the_cpu() {
 #[test]
 fn greedy_generation_matches_transformers() {
     let Some(be) = gpu() else { return };
-    let mut checked = 0;
-    for dir in fixture_dirs() {
-        let name = name_of(&dir);
-        let reference = Reference::open(&dir);
-        if !reference.has("generated_ids") {
-            continue;
-        }
-        let expected = reference.generated();
-        let n = reference.i64("generated_ids").0[1];
-        let ckpt = Checkpoint::open(&dir).unwrap();
-        let model = Model::load(&ckpt, &be, &LoadOptions::default()).unwrap();
-        let batch = reference.batch("input_ids", Some("attention_mask"));
-        for kv in [KvDType::F32, KvDType::F16] {
-            let mut opts = GenerateOptions::new(n);
-            opts.kv_dtype = kv;
-            opts.block_size = 4; // several pages per sequence even for short prompts
-            let got = match &model {
-                Model::Gpt2(m) => m.generate(&be, &batch, &opts).unwrap(),
-                Model::T5(m) => m.generate(&be, &batch, &opts).unwrap(),
-                Model::Bert(_) => panic!("{name}: BERT fixture with generated_ids"),
-            };
-            if kv == KvDType::F32 {
-                assert_eq!(got, expected, "cuda {name}: generated ids (f32 cache)");
-            } else {
-                // As on the CPU (tests/models.rs): an f16 cache rounds K and V, so ids may
-                // flip where the fixtures' margins are smallest; reported, not required.
-                println!(
-                    "cuda {name}: f16 KV cache gives the same ids: {}",
-                    got == expected
-                );
-            }
-        }
-        checked += 1;
-    }
-    assert!(checked >= 4, "only {checked} fixtures had generated ids");
+    common::check_generation(&be, "cuda");
 }
 
 /// `tessera run --backend cuda`: with a GPU, the written logits and ids match the reference;
@@ -142,12 +106,7 @@ fn cli_run_on_cuda() {
     let dir = fixtures().join("gpt2-a");
     let reference = Reference::open(&dir);
     let batch = reference.batch("input_ids", Some("attention_mask"));
-    let ids = batch
-        .seqs
-        .iter()
-        .map(|s| s.iter().map(u32::to_string).collect::<Vec<_>>().join(","))
-        .collect::<Vec<_>>()
-        .join(";");
+    let ids = common::ids_arg(&batch);
     let n = reference.i64("generated_ids").0[1];
     let out = std::env::temp_dir().join(format!(
         "tessera-cli-cuda-{}.safetensors",

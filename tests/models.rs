@@ -34,44 +34,7 @@ fn f32_weights_match_transformers() {
 
 #[test]
 fn greedy_generation_matches_transformers() {
-    let be = Cpu::default();
-    let mut checked = 0;
-    for dir in fixture_dirs() {
-        let name = dir.file_name().unwrap().to_string_lossy().to_string();
-        let reference = Reference::open(&dir);
-        if !reference.has("generated_ids") {
-            continue;
-        }
-        let expected = reference.generated();
-        let n = reference.i64("generated_ids").0[1];
-        let ckpt = Checkpoint::open(&dir).unwrap();
-        let model = Model::load(&ckpt, &be, &LoadOptions::default()).unwrap();
-        let batch = reference.batch("input_ids", Some("attention_mask"));
-        for kv in [
-            tessera::backend::KvDType::F32,
-            tessera::backend::KvDType::F16,
-        ] {
-            let mut opts = GenerateOptions::new(n);
-            opts.kv_dtype = kv;
-            opts.block_size = 4; // several blocks per sequence even for short prompts
-            let got = match &model {
-                Model::Gpt2(m) => m.generate(&be, &batch, &opts).unwrap(),
-                Model::T5(m) => m.generate(&be, &batch, &opts).unwrap(),
-                Model::Bert(_) => panic!("{name}: BERT fixture with generated_ids"),
-            };
-            if kv == tessera::backend::KvDType::F32 {
-                assert_eq!(got, expected, "{name}: generated ids (f32 cache)");
-            } else {
-                // An f16 cache rounds K and V (relative 2^-11); with the fixtures' margins of
-                // ≥ 1e-3 between the two best logits, ids may still flip only near the end,
-                // so report rather than require.
-                let same = got == expected;
-                println!("{name}: f16 KV cache gives the same ids: {same}");
-            }
-        }
-        checked += 1;
-    }
-    assert!(checked >= 4, "only {checked} fixtures had generated ids");
+    common::check_generation(&Cpu::default(), "cpu");
 }
 
 #[test]
@@ -192,12 +155,7 @@ fn cli_run_writes_matching_outputs() {
     let dir = fixtures().join("gpt2-a");
     let reference = Reference::open(&dir);
     let batch = reference.batch("input_ids", Some("attention_mask"));
-    let ids = batch
-        .seqs
-        .iter()
-        .map(|s| s.iter().map(u32::to_string).collect::<Vec<_>>().join(","))
-        .collect::<Vec<_>>()
-        .join(";");
+    let ids = common::ids_arg(&batch);
     let n = reference.i64("generated_ids").0[1];
     let out = std::env::temp_dir().join(format!("tessera-cli-{}.safetensors", std::process::id()));
     let status = std::process::Command::new(env!("CARGO_BIN_EXE_tessera"))

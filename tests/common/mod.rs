@@ -4,9 +4,10 @@
 
 use safetensors::{Dtype, SafeTensors};
 use std::path::{Path, PathBuf};
+use tessera::backend::KvDType;
 use tessera::backend::{Backend, WeightDType};
 use tessera::loader::Checkpoint;
-use tessera::models::{Batch, LoadOptions, Model, Output};
+use tessera::models::{Batch, GenerateOptions, LoadOptions, Model, Output};
 
 /// The repository: where this test was built, or the current directory when the binary was
 /// carried to another machine (the GPU machines run binaries built here from the repository
@@ -171,4 +172,52 @@ pub fn weight_error(dtype: WeightDType) -> f64 {
 /// never above 0.6 (past that the outputs would no longer be correlated with the reference's).
 pub fn lossy_bound(dtype: WeightDType) -> f64 {
     (20.0 * weight_error(dtype)).min(0.6)
+}
+
+/// A batch as `tessera run --ids` takes it (`1,2,3;4,5`).
+pub fn ids_arg(batch: &Batch) -> String {
+    batch
+        .seqs
+        .iter()
+        .map(|s| s.iter().map(u32::to_string).collect::<Vec<_>>().join(","))
+        .collect::<Vec<_>>()
+        .join(";")
+}
+
+/// Greedy generation through the paged KV cache on `be` (named `label` in the messages) on
+/// every fixture with `generated_ids`: the same ids as `transformers` with an f32 cache. An
+/// f16 cache rounds K and V (relative 2⁻¹¹); with the fixtures' margins of ≥ 1e-3 between the
+/// two best logits, ids may still flip near the end, so its result is reported, not required.
+pub fn check_generation<B: Backend>(be: &B, label: &str) {
+    let mut checked = 0;
+    for dir in fixture_dirs() {
+        let name = dir.file_name().unwrap().to_string_lossy().to_string();
+        let reference = Reference::open(&dir);
+        if !reference.has("generated_ids") {
+            continue;
+        }
+        let expected = reference.generated();
+        let n = reference.i64("generated_ids").0[1];
+        let ckpt = Checkpoint::open(&dir).unwrap();
+        let model = Model::load(&ckpt, be, &LoadOptions::default()).unwrap();
+        let batch = reference.batch("input_ids", Some("attention_mask"));
+        for kv in [KvDType::F32, KvDType::F16] {
+            let mut opts = GenerateOptions::new(n);
+            opts.kv_dtype = kv;
+            opts.block_size = 4; // several blocks per sequence even for short prompts
+            let got = match &model {
+                Model::Gpt2(m) => m.generate(be, &batch, &opts).unwrap(),
+                Model::T5(m) => m.generate(be, &batch, &opts).unwrap(),
+                Model::Bert(_) => panic!("{name}: BERT fixture with generated_ids"),
+            };
+            if kv == KvDType::F32 {
+                assert_eq!(got, expected, "{label} {name}: generated ids (f32 cache)");
+            } else {
+                let same = got == expected;
+                println!("{label} {name}: f16 KV cache gives the same ids: {same}");
+            }
+        }
+        checked += 1;
+    }
+    assert!(checked >= 4, "only {checked} fixtures had generated ids");
 }
