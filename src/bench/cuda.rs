@@ -242,7 +242,7 @@ pub(super) fn row(
     let work = report::Work { flops, bytes };
     let bound = work.bound(cal.tensor_gflops, cal.copy_gbs);
     let (gflops, gbs) = (flops / seconds / 1e9, bytes / seconds / 1e9);
-    Row {
+    let mut r = Row {
         family: id.family.to_string(),
         kernel: id.kernel.clone(),
         shape: id.shape.clone(),
@@ -254,12 +254,8 @@ pub(super) fn row(
         reps,
         gflops,
         gbs,
-        bound: bound.to_string(),
-        peak_fraction: if bound == "memory" {
-            gbs / cal.copy_gbs
-        } else {
-            gflops / cal.tensor_gflops
-        },
+        bound: String::new(),
+        peak_fraction: 0.0,
         peer: peer.map(|p| p.0.to_string()),
         peer_seconds: peer.map(|p| p.1),
         peer_ratio: peer.map(|p| p.1 / seconds),
@@ -268,7 +264,20 @@ pub(super) fn row(
         tokens_per_s: None,
         peer_tokens_per_s: None,
         note: None,
-    }
+    };
+    hold_to(&mut r, bound, cal);
+    r
+}
+
+/// Holds row `r` to `bound` whatever its intensity says: `"memory"` against the copy
+/// bandwidth, anything else against the tensor rate.
+pub(super) fn hold_to(r: &mut Row, bound: &str, cal: &GpuCalibration) {
+    r.bound = bound.to_string();
+    r.peak_fraction = if bound == "memory" {
+        r.gbs / cal.copy_gbs
+    } else {
+        r.gflops / cal.tensor_gflops
+    };
 }
 
 pub(super) fn id(
@@ -505,8 +514,7 @@ fn quant_case(
     let mut r = if m == 1 {
         let mut r = row(&case, &dev.info().arch, flops, bytes, ours, cal, None);
         // GEMV is held to the copy bandwidth whatever its intensity says.
-        r.bound = "memory".into();
-        r.peak_fraction = r.gbs / cal.copy_gbs;
+        hold_to(&mut r, "memory", cal);
         r.note = Some(format!(
             "{:.1}% of the {:.0} GB/s device copy; weights rotated over {copies} copies ({:.0} MiB)",
             r.peak_fraction * 100.0,
@@ -728,8 +736,7 @@ fn attention_case(
     );
     // Held to the tensor rate whatever its intensity says (short causal rows come close to the
     // machine balance).
-    r.bound = "compute".into();
-    r.peak_fraction = r.gflops / cal.tensor_gflops;
+    hold_to(&mut r, "compute", cal);
     r.note = Some(format!(
         "{:.1} TFLOP/s, {:.1}% of the {:.0} TFLOP/s cuBLAS f16 GEMM; f32 output; inputs rotated over {copies} copies",
         r.gflops / 1e3,
@@ -1197,8 +1204,7 @@ fn kv_case(
         None,
     );
     // Decode reads the cache once: held to the copy bandwidth.
-    r.bound = "memory".into();
-    r.peak_fraction = r.gbs / cal.copy_gbs;
+    hold_to(&mut r, "memory", cal);
     r.note = Some(format!(
         "{:.1}% of the {:.0} GB/s device copy (target: 70% at 32k tokens); caches rotated over {copies} copies ({:.0} MiB)",
         r.peak_fraction * 100.0,

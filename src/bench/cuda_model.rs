@@ -235,12 +235,7 @@ fn finish(
         cal,
         peer_time,
     );
-    r.bound = bound.to_string();
-    r.peak_fraction = if bound == "memory" {
-        r.gbs / cal.copy_gbs
-    } else {
-        r.gflops / cal.tensor_gflops
-    };
+    super::cuda::hold_to(&mut r, bound, cal);
     r.tokens_per_s = Some(tokens as f64 / seconds);
     match peer {
         Ok(p) => {
@@ -513,30 +508,14 @@ mod tests {
     /// and says why it has no peer.
     #[test]
     fn tiny_models_run_on_the_cpu_backend() {
-        use crate::bench::model::{BertSpec, Gpt2Spec};
+        use crate::bench::model::tests::{TINY_BERT, TINY_GPT2};
         let dir =
             std::env::temp_dir().join(format!("tessera-cuda-model-e2e-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let suite = Suite {
-            gpt2: Gpt2Spec {
-                tag: "gpt2t",
-                vocab: 300,
-                hidden: 64,
-                layers: 2,
-                heads: 4,
-                positions: 64,
-            },
+            gpt2: TINY_GPT2,
             gpt2_dir: dir.join("gpt2"),
-            bert: BertSpec {
-                tag: "bertt",
-                vocab: 200,
-                hidden: 64,
-                layers: 2,
-                heads: 4,
-                intermediate: 96,
-                positions: 32,
-                type_vocab: 2,
-            },
+            bert: TINY_BERT,
             bert_dir: dir.join("bert"),
             shapes: Shapes {
                 prefill: 12,

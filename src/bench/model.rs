@@ -1311,12 +1311,13 @@ pub fn cases(cfg: &Config) -> Vec<Case> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::bench::calibrate::tests_support::fixed;
     use tessera_cpu::Isa;
 
-    const TINY_GPT2: Gpt2Spec = Gpt2Spec {
+    /// A 2-layer GPT-2 of width 64 (the GPU family's host test uses it too).
+    pub(crate) const TINY_GPT2: Gpt2Spec = Gpt2Spec {
         tag: "gpt2t",
         vocab: 300,
         hidden: 64,
@@ -1325,7 +1326,8 @@ mod tests {
         positions: 64,
     };
 
-    const TINY_BERT: BertSpec = BertSpec {
+    /// A 2-layer BERT of width 64.
+    pub(crate) const TINY_BERT: BertSpec = BertSpec {
         tag: "bertt",
         vocab: 200,
         hidden: 64,
