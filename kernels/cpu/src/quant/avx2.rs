@@ -16,12 +16,16 @@
 //! tiles point the missing rows / tokens at row / token 0 and discard those results, so no
 //! read goes past the operands. One token (decode) takes a GEMV path instead: one weight row
 //! at a time, four independent accumulators, and a software prefetch a few blocks ahead, so
-//! the weights stream from memory in one linear pass.
+//! the weights stream from memory in one linear pass. From [`PANEL_MIN_TOKENS`] tokens on,
+//! the packed panels below replace the tiles (see the section's comment).
 
 // Register tiles are indexed by row and token: index loops read best there.
 #![allow(clippy::needless_range_loop)]
 
-use super::{BlockQ4_0, BlockQ4_K, BlockQ8_0, BlockQ8_K, Kernels, QK, QK_K, Table, Tile};
+use super::{
+    BlockQ4_0, BlockQ4_K, BlockQ8_0, BlockQ8_K, Kernels, PANEL_ROWS, Panel, PanelKernels, QK, QK_K,
+    Table, Tile,
+};
 use std::arch::x86_64::*;
 
 pub(super) static TABLE: Table = Table {
@@ -30,18 +34,36 @@ pub(super) static TABLE: Table = Table {
         nr: Q8_NR,
         tile: tile_q8_0,
         gemv: None,
+        panel: Some(PanelKernels {
+            bytes: |kb| (kb * Q8_0_PANEL_BLOCK).next_multiple_of(64),
+            pack: pack_q8_0,
+            run: panel_q8_0,
+            min_tokens: PANEL_MIN_TOKENS,
+        }),
     },
     q4_0: Kernels {
         mr: Q4_MR,
         nr: Q4_NR,
         tile: tile_q4_0,
         gemv: None,
+        panel: Some(PanelKernels {
+            bytes: |kb| (kb * Q4_0_PANEL_BLOCK).next_multiple_of(64),
+            pack: pack_q4_0,
+            run: panel_q4_0,
+            min_tokens: PANEL_MIN_TOKENS,
+        }),
     },
     q4_k: Kernels {
         mr: QK_MR,
         nr: QK_NR,
         tile: tile_q4_k,
         gemv: None,
+        panel: Some(PanelKernels {
+            bytes: |kb| (kb * Q4_K_PANEL_BLOCK).next_multiple_of(64),
+            pack: pack_q4_k,
+            run: panel_q4_k,
+            min_tokens: PANEL_MIN_TOKENS,
+        }),
     },
     quantize_q8_0,
     quantize_q8_k,
@@ -618,6 +640,385 @@ unsafe fn tile_q4_k_mn<const MR: usize, const NR: usize>(t: &Tile<BlockQ4_K>) {
                 }
             }
         }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Packed panels (many tokens).
+//
+// A panel interleaves 8 weight rows so that 32-bit lane `r` of every vector belongs to row
+// `r`: a vector holds 4 consecutive quants of each row, and the integer products of one
+// token (its 4 matching activation quants broadcast to every lane) accumulate per row with
+// no horizontal sum; each block's scales are one f32 vector for the 8 rows. Per block the
+// panel stores its quant vectors, then its scale vectors (layouts below). Rows of the panel
+// beyond `rows` repeat row 0: computed, never stored.
+
+/// Fewest tokens for which the panel path replaces the register tiles.
+const PANEL_MIN_TOKENS: usize = 4;
+/// Tokens whose accumulators a panel kernel keeps in registers at a time.
+const PANEL_NT: usize = 4;
+/// Q8_0 panel block: 8 vectors of quants (vector `v`: quants `4v..4v+4` of each row), then
+/// the 8 rows' scales as f32.
+const Q8_0_PANEL_BLOCK: usize = 8 * 32 + 32;
+/// Q4_0 panel block: 4 vectors of nibble bytes (vector `v`: bytes `4v..4v+4` of each row,
+/// whose low nibbles are weights `4v..4v+4` and high nibbles `16+4v..16+4v+4`), then the
+/// scales as f32.
+const Q4_0_PANEL_BLOCK: usize = 4 * 32 + 32;
+/// Q4_K panel block: 32 vectors of nibble bytes (vector `8g + v`: bytes `32g+4v..32g+4v+4`
+/// of each row: low nibbles of sub-block `2g`, high of `2g+1`), 8 vectors of sub-block scales
+/// as i16 pairs (vector `s`: lanes `2r, 2r+1` = row `r`'s scale of sub-block `s`), 8 of mins
+/// laid out the same way, then `d` and `dmin` as f32.
+const Q4_K_PANEL_BLOCK: usize = 32 * 32 + 8 * 32 + 8 * 32 + 2 * 32;
+
+/// Transposes 8 rows of 8 dwords: lane `r` of output `v` is dword `v` of row `r`.
+#[inline(always)]
+unsafe fn transpose_8x8(r: [__m256i; 8]) -> [__m256i; 8] {
+    // SAFETY: register-only AVX2 operations.
+    unsafe {
+        let t0 = _mm256_unpacklo_epi32(r[0], r[1]);
+        let t1 = _mm256_unpackhi_epi32(r[0], r[1]);
+        let t2 = _mm256_unpacklo_epi32(r[2], r[3]);
+        let t3 = _mm256_unpackhi_epi32(r[2], r[3]);
+        let t4 = _mm256_unpacklo_epi32(r[4], r[5]);
+        let t5 = _mm256_unpackhi_epi32(r[4], r[5]);
+        let t6 = _mm256_unpacklo_epi32(r[6], r[7]);
+        let t7 = _mm256_unpackhi_epi32(r[6], r[7]);
+        let u0 = _mm256_unpacklo_epi64(t0, t2);
+        let u1 = _mm256_unpackhi_epi64(t0, t2);
+        let u2 = _mm256_unpacklo_epi64(t1, t3);
+        let u3 = _mm256_unpackhi_epi64(t1, t3);
+        let u4 = _mm256_unpacklo_epi64(t4, t6);
+        let u5 = _mm256_unpackhi_epi64(t4, t6);
+        let u6 = _mm256_unpacklo_epi64(t5, t7);
+        let u7 = _mm256_unpackhi_epi64(t5, t7);
+        [
+            _mm256_permute2x128_si256::<0x20>(u0, u4),
+            _mm256_permute2x128_si256::<0x20>(u1, u5),
+            _mm256_permute2x128_si256::<0x20>(u2, u6),
+            _mm256_permute2x128_si256::<0x20>(u3, u7),
+            _mm256_permute2x128_si256::<0x31>(u0, u4),
+            _mm256_permute2x128_si256::<0x31>(u1, u5),
+            _mm256_permute2x128_si256::<0x31>(u2, u6),
+            _mm256_permute2x128_si256::<0x31>(u3, u7),
+        ]
+    }
+}
+
+/// The 8 f16 at `p[r]` (one per row) widened to f32.
+#[inline(always)]
+unsafe fn f16x8(p: [*const tessera_core::f16; 8]) -> __m256 {
+    // SAFETY: each pointer is 2 readable bytes; F16C is available.
+    unsafe {
+        let h = |r: usize| p[r].cast::<i16>().read_unaligned();
+        _mm256_cvtph_ps(_mm_setr_epi16(
+            h(0),
+            h(1),
+            h(2),
+            h(3),
+            h(4),
+            h(5),
+            h(6),
+            h(7),
+        ))
+    }
+}
+
+/// The 4 activation quants at `p` broadcast to every lane.
+#[inline(always)]
+unsafe fn bcast4(p: *const i8) -> __m256i {
+    // SAFETY: 4 readable bytes at p.
+    unsafe { _mm256_set1_epi32(p.cast::<i32>().read_unaligned()) }
+}
+
+/// Stores the tokens' accumulators (lane `r` = row `r`) into `C[j, 0..rows]`.
+///
+/// # Safety
+/// `C` rows `0..tokens` (`tokens <= NT`) cover `rows <= 8` columns from `c`.
+#[inline(always)]
+unsafe fn store_panel<const NT: usize>(
+    acc: &[__m256; NT],
+    c: *mut f32,
+    ldc: usize,
+    rows: usize,
+    tokens: usize,
+) {
+    // SAFETY: as documented.
+    unsafe {
+        for j in 0..tokens {
+            let dst = c.add(j * ldc);
+            if rows == PANEL_ROWS {
+                _mm256_storeu_ps(dst, acc[j]);
+            } else {
+                let mut tmp = [0f32; PANEL_ROWS];
+                _mm256_storeu_ps(tmp.as_mut_ptr(), acc[j]);
+                std::ptr::copy_nonoverlapping(tmp.as_ptr(), dst, rows);
+            }
+        }
+    }
+}
+
+/// Walks the panel's tokens `NT` at a time (the last group's missing tokens alias its first,
+/// computed and never stored), calling `group(pointers to the group's tokens' activation
+/// rows, sums, scales)` for the accumulators of each group.
+///
+/// # Safety
+/// The panel's contract ([`super::PanelFn`]); `group` reads only `kb` blocks, sums and
+/// scales of each token it is given.
+#[inline(always)]
+unsafe fn panel_tokens<W: tessera_core::quant::WeightBlock, const NT: usize>(
+    p: &Panel<W>,
+    mut group: impl FnMut([*const W::Act; NT], [*const i32; NT], [*const f32; NT]) -> [__m256; NT],
+) {
+    // SAFETY: tokens j0 + j < p.tokens of the activations; C rows of those tokens.
+    unsafe {
+        for j0 in (0..p.tokens).step_by(NT) {
+            let nt = (p.tokens - j0).min(NT);
+            let off = j0 * p.lda;
+            let acc = group(
+                row_ptrs(p.a.add(off), p.lda, nt),
+                row_ptrs(p.sums.add(off), p.lda, nt),
+                row_ptrs(p.ascale.add(off), p.lda, nt),
+            );
+            store_panel(&acc, p.c.add(j0 * p.ldc), p.ldc, p.rows, nt);
+        }
+    }
+}
+
+/// # Safety
+/// See [`super::PackFn`].
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn pack_q8_0(w: *const BlockQ8_0, ldw: usize, rows: usize, kb: usize, out: *mut u8) {
+    let wp: [*const BlockQ8_0; PANEL_ROWS] = row_ptrs(w, ldw, rows);
+    // SAFETY: blocks b < kb of each row (rows beyond `rows` alias row 0); the panel's kb
+    // blocks of Q8_0_PANEL_BLOCK bytes.
+    unsafe {
+        for b in 0..kb {
+            let dst = out.add(b * Q8_0_PANEL_BLOCK);
+            let q = transpose_8x8(std::array::from_fn(|r| {
+                _mm256_loadu_si256((&raw const (*wp[r].add(b)).qs).cast())
+            }));
+            for (v, x) in q.iter().enumerate() {
+                _mm256_store_si256(dst.add(32 * v).cast(), *x);
+            }
+            let d = f16x8(std::array::from_fn(|r| &raw const (*wp[r].add(b)).d));
+            _mm256_store_ps(dst.add(8 * 32).cast(), d);
+        }
+    }
+}
+
+/// # Safety
+/// See [`super::PanelFn`].
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn panel_q8_0(p: &Panel<BlockQ8_0>) {
+    const NT: usize = PANEL_NT;
+    // SAFETY: the panel holds kb blocks; every token pointer has kb blocks and scales.
+    unsafe {
+        let ones = _mm256_set1_epi16(1);
+        panel_tokens::<_, NT>(p, |ap, _sp, dp| {
+            let mut acc = [_mm256_setzero_ps(); NT];
+            for b in 0..p.kb {
+                let blk = p.panel.add(b * Q8_0_PANEL_BLOCK);
+                let mut isum = [_mm256_setzero_si256(); NT];
+                for v in 0..8 {
+                    let w = _mm256_load_si256(blk.add(32 * v).cast());
+                    let aw = _mm256_sign_epi8(w, w);
+                    for j in 0..NT {
+                        let a = bcast4((&raw const (*ap[j].add(b)).qs).cast::<i8>().add(4 * v));
+                        let s = _mm256_sign_epi8(a, w);
+                        isum[j] = _mm256_add_epi32(isum[j], dot_u8i8(aw, s, ones));
+                    }
+                }
+                let dw = _mm256_load_ps(blk.add(8 * 32).cast());
+                for j in 0..NT {
+                    let d = _mm256_mul_ps(dw, _mm256_broadcast_ss(&*dp[j].add(b)));
+                    acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[j]), d, acc[j]);
+                }
+            }
+            acc
+        })
+    }
+}
+
+/// # Safety
+/// See [`super::PackFn`].
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn pack_q4_0(w: *const BlockQ4_0, ldw: usize, rows: usize, kb: usize, out: *mut u8) {
+    let wp: [*const BlockQ4_0; PANEL_ROWS] = row_ptrs(w, ldw, rows);
+    // SAFETY: as in `pack_q8_0`; each row's block holds 16 bytes of nibbles.
+    unsafe {
+        for b in 0..kb {
+            let dst = out.add(b * Q4_0_PANEL_BLOCK);
+            let q = |r: usize| _mm_loadu_si128((&raw const (*wp[r].add(b)).qs).cast());
+            // Rows r and r + 4 share a vector (one per 128-bit lane); a 4 × 4 dword
+            // transpose within each lane then gives vector v = bytes 4v..4v+4 of rows 0..8.
+            let y: [__m256i; 4] = std::array::from_fn(|r| _mm256_set_m128i(q(r + 4), q(r)));
+            let t0 = _mm256_unpacklo_epi32(y[0], y[1]);
+            let t1 = _mm256_unpackhi_epi32(y[0], y[1]);
+            let t2 = _mm256_unpacklo_epi32(y[2], y[3]);
+            let t3 = _mm256_unpackhi_epi32(y[2], y[3]);
+            let lanes = [
+                _mm256_unpacklo_epi64(t0, t2),
+                _mm256_unpackhi_epi64(t0, t2),
+                _mm256_unpacklo_epi64(t1, t3),
+                _mm256_unpackhi_epi64(t1, t3),
+            ];
+            // Lane order is rows 0..4 then 4..8 within each vector: r0 r1 r2 r3 | r4 .. r7.
+            for (v, x) in lanes.iter().enumerate() {
+                _mm256_store_si256(dst.add(32 * v).cast(), *x);
+            }
+            let d = f16x8(std::array::from_fn(|r| &raw const (*wp[r].add(b)).d));
+            _mm256_store_ps(dst.add(4 * 32).cast(), d);
+        }
+    }
+}
+
+/// # Safety
+/// See [`super::PanelFn`].
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn panel_q4_0(p: &Panel<BlockQ4_0>) {
+    const NT: usize = PANEL_NT;
+    // SAFETY: as in `panel_q8_0`; the sums have kb entries per token.
+    unsafe {
+        let ones = _mm256_set1_epi16(1);
+        let m4 = _mm256_set1_epi8(0x0f);
+        panel_tokens::<_, NT>(p, |ap, sp, dp| {
+            let mut acc = [_mm256_setzero_ps(); NT];
+            for b in 0..p.kb {
+                let blk = p.panel.add(b * Q4_0_PANEL_BLOCK);
+                // The block's 8 pair sums per lane stay in i16: each is at most
+                // 2·15·128, so 8 of them are below 2¹⁵.
+                let mut s16 = [_mm256_setzero_si256(); NT];
+                for v in 0..4 {
+                    let x = _mm256_load_si256(blk.add(32 * v).cast());
+                    let lo = _mm256_and_si256(x, m4);
+                    let hi = _mm256_and_si256(_mm256_srli_epi16(x, 4), m4);
+                    for j in 0..NT {
+                        let q = (&raw const (*ap[j].add(b)).qs).cast::<i8>();
+                        let p_lo = _mm256_maddubs_epi16(lo, bcast4(q.add(4 * v)));
+                        let p_hi = _mm256_maddubs_epi16(hi, bcast4(q.add(16 + 4 * v)));
+                        s16[j] = _mm256_add_epi16(s16[j], _mm256_add_epi16(p_lo, p_hi));
+                    }
+                }
+                let dw = _mm256_load_ps(blk.add(4 * 32).cast());
+                for j in 0..NT {
+                    let off = _mm256_set1_epi32((*sp[j].add(b)).wrapping_mul(8));
+                    let isum = _mm256_sub_epi32(_mm256_madd_epi16(s16[j], ones), off);
+                    let d = _mm256_mul_ps(dw, _mm256_broadcast_ss(&*dp[j].add(b)));
+                    acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), d, acc[j]);
+                }
+            }
+            acc
+        })
+    }
+}
+
+/// # Safety
+/// See [`super::PackFn`].
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn pack_q4_k(w: *const BlockQ4_K, ldw: usize, rows: usize, kb: usize, out: *mut u8) {
+    let wp: [*const BlockQ4_K; PANEL_ROWS] = row_ptrs(w, ldw, rows);
+    // SAFETY: as in `pack_q8_0`; each row's block holds 128 bytes of nibbles.
+    unsafe {
+        for b in 0..kb {
+            let dst = out.add(b * Q4_K_PANEL_BLOCK);
+            for g in 0..QK_K / 64 {
+                let q = transpose_8x8(std::array::from_fn(|r| {
+                    _mm256_loadu_si256(
+                        (&raw const (*wp[r].add(b)).qs)
+                            .cast::<u8>()
+                            .add(32 * g)
+                            .cast(),
+                    )
+                }));
+                for (v, x) in q.iter().enumerate() {
+                    _mm256_store_si256(dst.add(32 * (8 * g + v)).cast(), *x);
+                }
+            }
+            let mut sc = [[0i16; 16]; 8];
+            let mut mins = [[0i16; 16]; 8];
+            for r in 0..PANEL_ROWS {
+                let blk = &*wp[r].add(b);
+                for s in 0..8 {
+                    let (scale, min) = blk.scale_min(s);
+                    sc[s][2 * r] = scale as i16;
+                    sc[s][2 * r + 1] = scale as i16;
+                    mins[s][2 * r] = min as i16;
+                    mins[s][2 * r + 1] = min as i16;
+                }
+            }
+            let sdst = dst.add(32 * 32).cast::<[i16; 16]>();
+            for s in 0..8 {
+                sdst.add(s).write(sc[s]);
+                sdst.add(8 + s).write(mins[s]);
+            }
+            let fdst = dst.add(48 * 32).cast::<f32>();
+            let d = f16x8(std::array::from_fn(|r| &raw const (*wp[r].add(b)).d));
+            let dmin = f16x8(std::array::from_fn(|r| &raw const (*wp[r].add(b)).dmin));
+            _mm256_store_ps(fdst, d);
+            _mm256_store_ps(fdst.add(8), dmin);
+        }
+    }
+}
+
+/// # Safety
+/// See [`super::PanelFn`].
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn panel_q4_k(p: &Panel<BlockQ4_K>) {
+    const NT: usize = PANEL_NT;
+    // SAFETY: as in `panel_q8_0`.
+    unsafe {
+        let m4 = _mm256_set1_epi8(0x0f);
+        panel_tokens::<_, NT>(p, |ap, _sp, _dp| {
+            let mut acc = [_mm256_setzero_ps(); NT];
+            for b in 0..p.kb {
+                let blk = p.panel.add(b * Q4_K_PANEL_BLOCK);
+                let scales = blk.add(32 * 32).cast::<__m256i>();
+                let mut isum = [_mm256_setzero_si256(); NT];
+                for g in 0..QK_K / 64 {
+                    // Sub-block 2g (low nibbles), then 2g + 1 (high): the 8 vectors' pair
+                    // sums stay in i16 (each at most 2·15·128, 8 of them below 2¹⁵), then
+                    // one madd applies the rows' scales.
+                    for h in 0..2 {
+                        let mut s16 = [_mm256_setzero_si256(); NT];
+                        for v in 0..8 {
+                            let x = _mm256_load_si256(blk.add(32 * (8 * g + v)).cast());
+                            let q = if h == 0 { x } else { _mm256_srli_epi16(x, 4) };
+                            let q = _mm256_and_si256(q, m4);
+                            for j in 0..NT {
+                                let a = (&raw const (*ap[j].add(b)).qs).cast::<i8>();
+                                let a = bcast4(a.add(64 * g + 32 * h + 4 * v));
+                                s16[j] = _mm256_add_epi16(s16[j], _mm256_maddubs_epi16(q, a));
+                            }
+                        }
+                        let sc = _mm256_load_si256(scales.add(2 * g + h));
+                        for j in 0..NT {
+                            isum[j] = _mm256_add_epi32(isum[j], _mm256_madd_epi16(s16[j], sc));
+                        }
+                    }
+                }
+                let f = blk.add(48 * 32).cast::<f32>();
+                let (dw, dmin) = (_mm256_load_ps(f), _mm256_load_ps(f.add(8)));
+                for j in 0..NT {
+                    let a = &*ap[j].add(b);
+                    // Σ_s min_s · (bsums[2s] + bsums[2s+1]), per row.
+                    let mut msum = _mm256_setzero_si256();
+                    for s in 0..8 {
+                        let bs = _mm256_set1_epi32(
+                            a.bsums.as_ptr().add(2 * s).cast::<i32>().read_unaligned(),
+                        );
+                        msum = _mm256_add_epi32(
+                            msum,
+                            _mm256_madd_epi16(bs, _mm256_load_si256(scales.add(8 + s))),
+                        );
+                    }
+                    let ad = _mm256_set1_ps(a.d);
+                    let v =
+                        _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[j]), _mm256_mul_ps(dw, ad), acc[j]);
+                    acc[j] = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(msum), _mm256_mul_ps(dmin, ad), v);
+                }
+            }
+            acc
+        })
     }
 }
 

@@ -149,6 +149,7 @@ pub(super) static TABLE: Table = Table {
             prepare: prepare_q8_0,
             run: gemv_q8_0,
         }),
+        panel: None,
     },
     q4_0: Kernels {
         mr: MR,
@@ -159,6 +160,7 @@ pub(super) static TABLE: Table = Table {
             prepare: prepare_q4_0,
             run: gemv_q4_0,
         }),
+        panel: None,
     },
     q4_k: Kernels {
         mr: MR,
@@ -169,6 +171,7 @@ pub(super) static TABLE: Table = Table {
             prepare: prepare_q4_k,
             run: gemv_q4_k,
         }),
+        panel: None,
     },
     quantize_q8_0,
     quantize_q8_k,

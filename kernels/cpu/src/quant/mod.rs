@@ -27,6 +27,11 @@
 //! One token (decode) takes the ISA's GEMV path where it has one (`GemvKernels`: the token
 //! is prepared once in a kernel-specific layout, then a few contiguous row ranges per thread
 //! stream the weights once); elsewhere it is the same walk with one token per tile.
+//! Where the ISA has a panel path (`PanelKernels`, AVX2) and there are enough tokens, the
+//! register tiles give way to packed panels: 8 weight rows interleaved so that each 32-bit
+//! lane of a vector belongs to one row, packed once per chunk of tokens into per-thread
+//! scratch; every token then accumulates the 8 rows' dot products lane-wise, with one scale
+//! conversion per block for all 8 rows and no horizontal sums.
 
 mod scalar;
 
@@ -137,6 +142,59 @@ pub(crate) struct GemvKernels<W: WeightBlock> {
     pub run: GemvFn<W>,
 }
 
+/// Weight rows of one packed panel (one f32 / i32 lane per row).
+pub(crate) const PANEL_ROWS: usize = 8;
+
+/// A packed panel of up to [`PANEL_ROWS`] weight rows against a run of tokens.
+pub(crate) struct Panel<W: WeightBlock> {
+    /// Blocks per row (the whole reduction).
+    pub kb: usize,
+    /// The panel, as written by the table's [`PackFn`] for this `kb` (64-byte aligned).
+    pub panel: *const u8,
+    /// Rows the panel holds (`1..=PANEL_ROWS`); only these are stored.
+    pub rows: usize,
+    /// Activations, as in [`Tile`].
+    pub a: *const W::Act,
+    pub sums: *const i32,
+    pub ascale: *const f32,
+    pub lda: usize,
+    /// Tokens (at least 1); any number, the kernel walks them in its own groups.
+    pub tokens: usize,
+    /// `C[t, r]` is written to `c + t·ldc + r`.
+    pub c: *mut f32,
+    pub ldc: usize,
+}
+
+/// Packs weight rows `0..rows` (row `r` at `w + r·ldw`, `kb` blocks each, `1 <= rows <=
+/// PANEL_ROWS`) into a panel of [`PanelKernels::bytes`]`(kb)` bytes at `out`.
+///
+/// # Safety
+/// The ISA of the kernel is available; the rows cover `kb` blocks each and `out` is writable
+/// for `bytes(kb)` bytes, 64-byte aligned.
+pub(crate) type PackFn<W> =
+    unsafe fn(w: *const W, ldw: usize, rows: usize, kb: usize, out: *mut u8);
+
+/// A panel kernel.
+///
+/// # Safety
+/// The ISA of the kernel is available; the panel was packed by the same table for `kb` and
+/// `rows`; `tokens >= 1`, `kb >= 1`, and the activation and output pointers cover what
+/// [`Panel`] says is read or written.
+pub(crate) type PanelFn<W> = unsafe fn(&Panel<W>);
+
+/// A GEMM path on repacked weights: a panel of [`PANEL_ROWS`] rows is interleaved so that
+/// lane `r` of every vector belongs to row `r` (no horizontal sums, and one scale conversion
+/// per block serves all the panel's rows); it is packed once per chunk of tokens and then
+/// read by every token of the chunk.
+pub(crate) struct PanelKernels<W: WeightBlock> {
+    /// Bytes of one packed panel of `kb` blocks (a multiple of 64).
+    pub bytes: fn(kb: usize) -> usize,
+    pub pack: PackFn<W>,
+    pub run: PanelFn<W>,
+    /// Fewest tokens for which the panel path is taken (below, the register tiles).
+    pub min_tokens: usize,
+}
+
 /// A weight format's tile kernel and its register tile.
 pub(crate) struct Kernels<W: WeightBlock> {
     /// Weight rows per tile (at most).
@@ -146,6 +204,8 @@ pub(crate) struct Kernels<W: WeightBlock> {
     pub tile: TileFn<W>,
     /// The one-token path, where the ISA has one (otherwise one token runs as 1-token tiles).
     pub gemv: Option<GemvKernels<W>>,
+    /// The packed-panel path for many tokens, where the ISA has one.
+    pub panel: Option<PanelKernels<W>>,
 }
 
 /// Everything one ISA provides.
@@ -506,10 +566,16 @@ fn matmul_impl<W: Dispatch>(
         // Tokens per chunk: their quantized rows fill at most half of the L2 (a multiple of
         // the tile's tokens, or of 16 for tiles of more than 16 tokens, which then split the
         // chunk evenly).
-        let (mr, nr) = (kern.mr, kern.nr);
         let l2 = CacheInfo::detect().l2;
-        let unit = nr.min(16);
-        let chunk = ((l2 / 2) / (kb * act_size)).max(unit) / unit * unit;
+        let chunk_of = |unit: usize| ((l2 / 2) / (kb * act_size)).max(unit) / unit * unit;
+        if let Some(pk) = kern.panel.as_ref().filter(|p| m >= p.min_tokens) {
+            let acts = Acts { act, sums, ascale };
+            panel_matmul(pk, threads, w, n, kb, &acts, chunk_of(16), c);
+            crate::scratch::give(buf);
+            return;
+        }
+        let (mr, nr) = (kern.mr, kern.nr);
+        let chunk = chunk_of(nr.min(16));
         // Weight rows per thread: contiguous ranges, multiples of MR.
         let per = n.div_ceil(mr).div_ceil(threads).max(1) * mr;
         let ranges = n.div_ceil(per);
@@ -554,6 +620,73 @@ fn matmul_impl<W: Dispatch>(
         }
     }
     crate::scratch::give(buf);
+}
+
+/// The quantized activations of a call: `kb` blocks, block sums and scales per token.
+struct Acts<'a, A> {
+    act: &'a [A],
+    sums: &'a [i32],
+    ascale: &'a [f32],
+}
+
+/// The packed-panel walk: one contiguous range of rows (a multiple of [`PANEL_ROWS`]) per
+/// thread; per chunk of `chunk` tokens, each panel of the range is packed into the thread's
+/// scratch and then every token of the chunk runs against it.
+#[allow(clippy::too_many_arguments)]
+fn panel_matmul<W: WeightBlock>(
+    pk: &PanelKernels<W>,
+    threads: usize,
+    w: &[W],
+    n: usize,
+    kb: usize,
+    acts: &Acts<'_, W::Act>,
+    chunk: usize,
+    c: MatMut<'_, f32>,
+) {
+    let m = c.rows;
+    let per = n.div_ceil(PANEL_ROWS).div_ceil(threads).max(1) * PANEL_ROWS;
+    let ranges = n.div_ceil(per);
+    let cptr = SendPtr(c.data.as_mut_ptr());
+    let ldc = c.ld;
+    let bytes = (pk.bytes)(kb);
+    let run = |ri: usize| {
+        let (r_start, r_end) = (ri * per, ((ri + 1) * per).min(n));
+        let mut pbuf = crate::scratch::take();
+        let panel = pbuf.get(bytes.div_ceil(4)).as_mut_ptr().cast::<u8>();
+        for t0 in (0..m).step_by(chunk) {
+            let t_end = (t0 + chunk).min(m);
+            for r0 in (r_start..r_end).step_by(PANEL_ROWS) {
+                let rows = PANEL_ROWS.min(r_end - r0);
+                // SAFETY: the ISA is available (the table was checked); rows r0..r0+rows < n
+                // of kb blocks lie inside W; the scratch holds bytes(kb) bytes, 64-byte
+                // aligned.
+                unsafe { (pk.pack)(w[r0 * kb..].as_ptr(), kb, rows, kb, panel) };
+                let args = Panel {
+                    kb,
+                    panel,
+                    rows,
+                    a: acts.act[t0 * kb..].as_ptr(),
+                    sums: acts.sums[t0 * kb..].as_ptr(),
+                    ascale: acts.ascale[t0 * kb..].as_ptr(),
+                    lda: kb,
+                    tokens: t_end - t0,
+                    // SAFETY: t0 < m and r0 < n, so the offset lies inside C.
+                    c: unsafe { cptr.get().add(t0 * ldc + r0) },
+                    ldc,
+                };
+                // SAFETY: the panel was just packed for kb and rows; tokens t0..t_end < m of
+                // kb activation blocks, sums and scales; C's rows t0..t_end, columns
+                // r0..r0+rows, which belong to this task's range alone.
+                unsafe { (pk.run)(&args) };
+            }
+        }
+        crate::scratch::give(pbuf);
+    };
+    if ranges > 1 {
+        (0..ranges).into_par_iter().for_each(run);
+    } else {
+        run(0);
+    }
 }
 
 /// The GEMV of one prepared token against the `n` weight rows: contiguous ranges of rows, a
