@@ -322,11 +322,27 @@ where
                     };
                     _mm256_storeu_ps(p, _mm256_mul_ps(d, da));
                 }
-                for i in 0..n {
-                    let b = b0 + i;
-                    _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(b + pf).cast());
-                    let p = _mm256_cvtepi32_ps(block(row, b));
-                    acc[i % 4] = _mm256_fmadd_ps(p, _mm256_broadcast_ss(&sc[0][i]), acc[i % 4]);
+                // Four blocks per step, one accumulator each (a constant index, so the
+                // accumulators stay in registers), then the remaining blocks into the first.
+                // (A macro, not a closure: a closure here would not inherit the caller's
+                // target features.)
+                macro_rules! step {
+                    ($i:expr, $u:expr) => {{
+                        let (i, u) = ($i, $u);
+                        let b = b0 + i;
+                        _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(b + pf).cast());
+                        let p = _mm256_cvtepi32_ps(block(row, b));
+                        acc[u] = _mm256_fmadd_ps(p, _mm256_broadcast_ss(&sc[0][i]), acc[u]);
+                    }};
+                }
+                let full = n / 4 * 4;
+                for i in (0..full).step_by(4) {
+                    for u in 0..4 {
+                        step!(i + u, u);
+                    }
+                }
+                for i in full..n {
+                    step!(i, 0);
                 }
             }
             let s = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
