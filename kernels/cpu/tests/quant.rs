@@ -558,8 +558,9 @@ fn non_finite_weight_scales_propagate() {
             let mut w: Vec<W> = (0..n * kb).map(|_| W::random(&mut rng, true)).collect();
             // Row 4's second block gets the bad scale.
             poison(&mut w[4 * kb + 1], bad);
-            // Three tokens (tiles) and one (the GEMV path).
-            for (isa, m) in isas().into_iter().flat_map(|i| [(i, 3), (i, 1)]) {
+            // Five tokens (packed panels where the ISA has them), three (tiles) and one (the
+            // GEMV path).
+            for (isa, m) in isas().into_iter().flat_map(|i| [(i, 5), (i, 3), (i, 1)]) {
                 let mut c = vec![0f32; m * n];
                 let opts = QuantOptions {
                     isa: Some(isa),
