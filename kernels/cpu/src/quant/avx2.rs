@@ -83,8 +83,9 @@ const QK_NT: usize = 4;
 /// token pair walks them).
 const QK_KC: usize = 16;
 
-/// Blocks ahead of the current one that the GEMV prefetches (about 1 KiB).
-const PREFETCH_BYTES: usize = 1024;
+/// Bytes ahead of the current block that the GEMV prefetches (2 KiB measured better than 1 KiB
+/// on the Zen 4 VM for cold Q8_0 weights: 71–80% of the read bandwidth against 59–66%).
+const PREFETCH_BYTES: usize = 2048;
 
 // ---------------------------------------------------------------------------------------
 // Helpers.
@@ -286,7 +287,7 @@ unsafe fn gemv_q8_0(t: &Tile<BlockQ8_0>) {
 /// The GEMV walk shared by Q8_0 and Q4_0: for each weight row, `KC` blocks at a time, the
 /// products of the weight and activation scales are formed 8 at a time, then `block(row, b)`
 /// gives each block's integer partial sums (8 lanes), converted, scaled and added into four
-/// accumulators in turn; the weights are prefetched about 1 KiB ahead.
+/// accumulators in turn; the weights are prefetched about 2 KiB ahead.
 ///
 /// # Safety
 /// The tile has one token; `block` reads only block `b` of `row` and of the activation.
