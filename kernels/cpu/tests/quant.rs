@@ -549,7 +549,7 @@ fn unavailable_isa_is_an_error() {
 fn non_finite_weight_scales_propagate() {
     let k = q::QK_K * 2;
     let mut rng = Rng(11);
-    let a = activations(&mut rng, 3 * k, 1.0);
+    let a = activations(&mut rng, 5 * k, 1.0);
     fn run<W: TestWeight>(a: &[f32], k: usize, poison: impl Fn(&mut W, f32)) {
         let mut rng = Rng(5);
         let n = 9;
