@@ -16,15 +16,17 @@
 //! tiles point the missing rows / tokens at row / token 0 and discard those results, so no
 //! read goes past the operands. One token (decode) takes a GEMV path instead: one weight row
 //! at a time, four independent accumulators, and a software prefetch a few blocks ahead, so
-//! the weights stream from memory in one linear pass. From [`PANEL_MIN_TOKENS`] tokens on,
+//! the weights stream from memory in one linear pass (Q4_0 through the table's GEMV kernel:
+//! two blocks per vector against an activation row prepared once per call in the matching
+//! pair layout, which halves the unpacking and scaling work per block). From [`PANEL_MIN_TOKENS`] tokens on,
 //! the packed panels below replace the tiles (see the section's comment).
 
 // Register tiles are indexed by row and token: index loops read best there.
 #![allow(clippy::needless_range_loop)]
 
 use super::{
-    BlockQ4_0, BlockQ4_K, BlockQ8_0, BlockQ8_K, Kernels, PANEL_ROWS, Panel, PanelKernels, QK, QK_K,
-    Table, Tile,
+    BlockQ4_0, BlockQ4_K, BlockQ8_0, BlockQ8_K, Gemv, GemvKernels, Kernels, PANEL_ROWS, Panel,
+    PanelKernels, QK, QK_K, Table, Tile,
 };
 use std::arch::x86_64::*;
 
@@ -45,7 +47,11 @@ pub(super) static TABLE: Table = Table {
         mr: Q4_MR,
         nr: Q4_NR,
         tile: tile_q4_0,
-        gemv: None,
+        gemv: Some(GemvKernels {
+            prep_bytes: |kb| kb.div_ceil(2) * Q4_0_PAIR_BYTES,
+            prepare: prepare_q4_0,
+            run: gemv_q4_0_pairs,
+        }),
         panel: Some(PanelKernels {
             bytes: |kb| (kb * Q4_0_PANEL_BLOCK).next_multiple_of(64),
             pack: pack_q4_0,
@@ -428,6 +434,130 @@ unsafe fn gemv_q4_0(t: &Tile<BlockQ4_0>) {
             let av = _mm256_loadu_si256((&raw const (*t.a.add(b)).qs).cast());
             _mm256_sub_epi32(dot_u8i8(q, av, ones), q4_0_offset(*t.sums.add(b)))
         })
+    }
+}
+
+/// Bytes of one pair of blocks in the prepared Q4_0 GEMV activation row: the quants that meet
+/// the pair's low nibbles (`[a₀[0..16], a₁[0..16]]`), those that meet the high nibbles
+/// (`[a₀[16..32], a₁[16..32]]`), the offsets `2·Σa` as i32 (4 lanes per block: the 4 lanes
+/// of a block sum to its `8·Σa`) and the activation scales (4 lanes per block).
+const Q4_0_PAIR_BYTES: usize = 128;
+
+/// # Safety
+/// See [`super::PrepareFn`].
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn prepare_q4_0(
+    a: *const BlockQ8_0,
+    sums: *const i32,
+    ascale: *const f32,
+    kb: usize,
+    out: *mut u8,
+) {
+    // SAFETY: blocks, sums and scales b < kb; the output's kb.div_ceil(2) pairs of
+    // Q4_0_PAIR_BYTES, 64-byte aligned (so every 32-byte store is aligned). A missing second
+    // block of the last pair is written as zeros.
+    unsafe {
+        for p in 0..kb.div_ceil(2) {
+            let (b0, b1) = (2 * p, 2 * p + 1);
+            let q = |b: usize, half: usize| {
+                if b < kb {
+                    _mm_loadu_si128(
+                        (&raw const (*a.add(b)).qs)
+                            .cast::<i8>()
+                            .add(16 * half)
+                            .cast(),
+                    )
+                } else {
+                    _mm_setzero_si128()
+                }
+            };
+            let (s1, d1) = if b1 < kb {
+                (*sums.add(b1), *ascale.add(b1))
+            } else {
+                (0, 0.0)
+            };
+            let dst = out.add(p * Q4_0_PAIR_BYTES);
+            _mm256_store_si256(dst.cast(), _mm256_set_m128i(q(b1, 0), q(b0, 0)));
+            _mm256_store_si256(dst.add(32).cast(), _mm256_set_m128i(q(b1, 1), q(b0, 1)));
+            let off = _mm256_set_m128i(
+                _mm_set1_epi32(s1.wrapping_mul(2)),
+                _mm_set1_epi32((*sums.add(b0)).wrapping_mul(2)),
+            );
+            _mm256_store_si256(dst.add(64).cast(), off);
+            let da = _mm256_set_m128(_mm_set1_ps(d1), _mm_set1_ps(*ascale.add(b0)));
+            _mm256_store_ps(dst.add(96).cast(), da);
+        }
+    }
+}
+
+/// The Q4_0 GEMV: two blocks per vector (block `2p` in the low 128 bits, `2p + 1` in the
+/// high), against the prepared pairs; four pairs per step into independent accumulators.
+///
+/// # Safety
+/// See [`super::GemvFn`].
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn gemv_q4_0_pairs(g: &Gemv<BlockQ4_0>) {
+    let pf = PREFETCH_BYTES / std::mem::size_of::<BlockQ4_0>();
+    // SAFETY: rows < g.rows of kb blocks each (the second block of the last pair is read only
+    // when it exists); the prepared row's kb.div_ceil(2) pairs; weight_scales fills sc[i] for
+    // i < n and leaves 0 above, so a missing block's scale is 0. Prefetch addresses are
+    // computed with wrapping arithmetic and a prefetch never faults.
+    unsafe {
+        let ones = _mm256_set1_epi16(1);
+        let m4 = _mm256_set1_epi8(0x0f);
+        let mut sc = [[0f32; KC]; 1];
+        for r in 0..g.rows {
+            let row = g.w.add(r * g.ldw);
+            let mut acc = [_mm256_setzero_ps(); 4];
+            for b0 in (0..g.kb).step_by(KC) {
+                let n = KC.min(g.kb - b0);
+                weight_scales(&[row], b0, n, &mut sc);
+                macro_rules! pair {
+                    ($i:expr, $u:expr) => {{
+                        let (i, u) = ($i, $u);
+                        let b = b0 + i;
+                        _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(b + pf).cast());
+                        let q0 = _mm_loadu_si128((&raw const (*row.add(b)).qs).cast());
+                        let q1 = if i + 1 < n {
+                            _mm_loadu_si128((&raw const (*row.add(b + 1)).qs).cast())
+                        } else {
+                            _mm_setzero_si128()
+                        };
+                        let x = _mm256_set_m128i(q1, q0);
+                        let lo = _mm256_and_si256(x, m4);
+                        let hi = _mm256_and_si256(_mm256_srli_epi16(x, 4), m4);
+                        let pa = g.prep.add((b / 2) * Q4_0_PAIR_BYTES);
+                        // Pair sums of the low and high nibbles: each at most 2·15·128, so
+                        // their sum stays in i16.
+                        let s16 = _mm256_add_epi16(
+                            _mm256_maddubs_epi16(lo, _mm256_load_si256(pa.cast())),
+                            _mm256_maddubs_epi16(hi, _mm256_load_si256(pa.add(32).cast())),
+                        );
+                        let isum = _mm256_sub_epi32(
+                            _mm256_madd_epi16(s16, ones),
+                            _mm256_load_si256(pa.add(64).cast()),
+                        );
+                        let dw = _mm256_set_m128(_mm_set1_ps(sc[0][i + 1]), _mm_set1_ps(sc[0][i]));
+                        let d = _mm256_mul_ps(dw, _mm256_load_ps(pa.add(96).cast()));
+                        acc[u] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), d, acc[u]);
+                    }};
+                }
+                // KC is even, so pairs never straddle two scale windows; an odd last window
+                // ends with a pair of one block.
+                let pairs = n.div_ceil(2);
+                let full = pairs / 4 * 4;
+                for p in (0..full).step_by(4) {
+                    for u in 0..4 {
+                        pair!(2 * (p + u), u);
+                    }
+                }
+                for p in full..pairs {
+                    pair!(2 * p, 0);
+                }
+            }
+            let s = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+            *g.c.add(r) = hsum(s);
+        }
     }
 }
 
