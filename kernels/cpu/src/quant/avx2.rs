@@ -817,38 +817,21 @@ const Q4_0_PANEL_BLOCK: usize = 4 * 32 + 32;
 /// laid out the same way, then `d` and `dmin` as f32.
 const Q4_K_PANEL_BLOCK: usize = 32 * 32 + 8 * 32 + 8 * 32 + 2 * 32;
 
-/// Transposes 8 rows of 8 dwords: lane `r` of output `v` is dword `v` of row `r`.
+/// Transposes 8 rows of 8 dwords into the 8 vectors at `dst` (32 bytes apart): lane `r` of
+/// vector `v` is dword `v` of row `r`. The f32 transpose of the gemm packing, on the bits
+/// (its unpacks and shuffles move lanes without looking at them).
+///
+/// # Safety
+/// `dst` is writable for 256 bytes; AVX2 is available.
 #[inline(always)]
-unsafe fn transpose_8x8(r: [__m256i; 8]) -> [__m256i; 8] {
-    // SAFETY: register-only AVX2 operations.
-    unsafe {
-        let t0 = _mm256_unpacklo_epi32(r[0], r[1]);
-        let t1 = _mm256_unpackhi_epi32(r[0], r[1]);
-        let t2 = _mm256_unpacklo_epi32(r[2], r[3]);
-        let t3 = _mm256_unpackhi_epi32(r[2], r[3]);
-        let t4 = _mm256_unpacklo_epi32(r[4], r[5]);
-        let t5 = _mm256_unpackhi_epi32(r[4], r[5]);
-        let t6 = _mm256_unpacklo_epi32(r[6], r[7]);
-        let t7 = _mm256_unpackhi_epi32(r[6], r[7]);
-        let u0 = _mm256_unpacklo_epi64(t0, t2);
-        let u1 = _mm256_unpackhi_epi64(t0, t2);
-        let u2 = _mm256_unpacklo_epi64(t1, t3);
-        let u3 = _mm256_unpackhi_epi64(t1, t3);
-        let u4 = _mm256_unpacklo_epi64(t4, t6);
-        let u5 = _mm256_unpackhi_epi64(t4, t6);
-        let u6 = _mm256_unpacklo_epi64(t5, t7);
-        let u7 = _mm256_unpackhi_epi64(t5, t7);
-        [
-            _mm256_permute2x128_si256::<0x20>(u0, u4),
-            _mm256_permute2x128_si256::<0x20>(u1, u5),
-            _mm256_permute2x128_si256::<0x20>(u2, u6),
-            _mm256_permute2x128_si256::<0x20>(u3, u7),
-            _mm256_permute2x128_si256::<0x31>(u0, u4),
-            _mm256_permute2x128_si256::<0x31>(u1, u5),
-            _mm256_permute2x128_si256::<0x31>(u2, u6),
-            _mm256_permute2x128_si256::<0x31>(u3, u7),
-        ]
-    }
+unsafe fn transpose_8x8_store(rows: [__m256i; 8], dst: *mut u8) {
+    use crate::simd::{Simd, avx2::Avx2};
+    let rows = rows.map(|r| {
+        // SAFETY: a register-only reinterpretation.
+        unsafe { _mm256_castsi256_ps(r) }
+    });
+    // SAFETY: 8 vectors, and dst covers 7 · 8 + 8 floats.
+    unsafe { Avx2::transpose_store(&rows, dst.cast(), 8) }
 }
 
 /// The 8 f16 at `p[r]` (one per row) widened to f32.
@@ -941,12 +924,9 @@ unsafe fn pack_q8_0(w: *const BlockQ8_0, ldw: usize, rows: usize, kb: usize, out
     unsafe {
         for b in 0..kb {
             let dst = out.add(b * Q8_0_PANEL_BLOCK);
-            let q = transpose_8x8(std::array::from_fn(|r| {
-                _mm256_loadu_si256((&raw const (*wp[r].add(b)).qs).cast())
-            }));
-            for (v, x) in q.iter().enumerate() {
-                _mm256_store_si256(dst.add(32 * v).cast(), *x);
-            }
+            let rows =
+                std::array::from_fn(|r| _mm256_loadu_si256((&raw const (*wp[r].add(b)).qs).cast()));
+            transpose_8x8_store(rows, dst);
             let d = f16x8(std::array::from_fn(|r| &raw const (*wp[r].add(b)).d));
             _mm256_store_ps(dst.add(8 * 32).cast(), d);
         }
@@ -1069,17 +1049,11 @@ unsafe fn pack_q4_k(w: *const BlockQ4_K, ldw: usize, rows: usize, kb: usize, out
         for b in 0..kb {
             let dst = out.add(b * Q4_K_PANEL_BLOCK);
             for g in 0..QK_K / 64 {
-                let q = transpose_8x8(std::array::from_fn(|r| {
-                    _mm256_loadu_si256(
-                        (&raw const (*wp[r].add(b)).qs)
-                            .cast::<u8>()
-                            .add(32 * g)
-                            .cast(),
-                    )
-                }));
-                for (v, x) in q.iter().enumerate() {
-                    _mm256_store_si256(dst.add(32 * (8 * g + v)).cast(), *x);
-                }
+                let rows = std::array::from_fn(|r| {
+                    let qs = (&raw const (*wp[r].add(b)).qs).cast::<u8>();
+                    _mm256_loadu_si256(qs.add(32 * g).cast())
+                });
+                transpose_8x8_store(rows, dst.add(32 * 8 * g));
             }
             let mut sc = [[0i16; 16]; 8];
             let mut mins = [[0i16; 16]; 8];
