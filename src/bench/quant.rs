@@ -10,9 +10,14 @@
 //! * `candle` — `candle-core`'s quantized matmul (`QMatMul::forward` on a `QTensor` built from
 //!   the same block bytes), which quantizes the activations to Q8_0 / Q8_K as Tessera does.
 //!
+//! A third row per kernel, shape, format and thread count (`B` = `pack`) times Tessera on
+//! weights packed once for the ISA's kernels (`tessera_cpu::quant::PackedWeights`, what an
+//! engine does at load time; `matmul_packed_with`) against Tessera on the blocks as given
+//! (peer `plain`): the gain of the repacking.
+//!
 //! The row format has one peer column, so every kernel, shape, format and thread count gives
-//! two rows, one per peer, Tessera timed again in each (alternating calls with that peer); the
-//! `B` column (the weight layout in other families; always `[n,k]` here) names the peer.
+//! one row per peer, Tessera timed again in each (alternating calls with that peer); the `B`
+//! column (the weight layout in other families; always `[n,k]` here) names the peer.
 //!
 //! Shapes: the GEMV of one token through a 4096 → 4096 and a 4096 → 11008 projection
 //! (LLaMA-7B attention and MLP) and the GEMM of 16, 128 and 512 tokens through 4096 → 4096.
@@ -52,7 +57,7 @@ use tessera_core::quant::{BlockQ4_0, BlockQ4_K, BlockQ8_0, QuantBlock, QuantForm
 use tessera_core::reference::{DotReference, quant_dot};
 use tessera_core::{MatMut, MatRef, Transpose};
 use tessera_cpu::gemm::{GemmOptions, gemm_with};
-use tessera_cpu::quant::{QuantOptions, matmul_with};
+use tessera_cpu::quant::{PackedWeights, QuantOptions, matmul_packed_with, matmul_with};
 use tessera_cpu::{CacheInfo, Isa, Parallelism};
 
 /// A weight block type the family benchmarks: its reference dot product and candle's name
@@ -115,6 +120,9 @@ pub enum Peer {
     DeqGemm,
     /// candle's `QMatMul`.
     Candle,
+    /// Tessera on weights packed once ([`PackedWeights`]) against Tessera on the blocks as
+    /// given (the peer, `plain`).
+    Packed,
 }
 
 impl Peer {
@@ -123,6 +131,7 @@ impl Peer {
         match self {
             Peer::DeqGemm => "deq",
             Peer::Candle => "candle",
+            Peer::Packed => "pack",
         }
     }
 }
@@ -259,7 +268,7 @@ fn push_cases<W: BenchBlock>(
 ) {
     let data: Arc<OnceLock<Weights<W>>> = Arc::new(OnceLock::new());
     for &threads in &cfg.threads {
-        for peer in [Peer::DeqGemm, Peer::Candle] {
+        for peer in [Peer::DeqGemm, Peer::Candle, Peer::Packed] {
             // candle: the split below needs a single-threaded candle; otherwise only its own
             // thread count is comparable.
             let candle_split = candle_threads == 1 && threads > 1;
@@ -540,6 +549,42 @@ fn run_case<W: BenchBlock>(
             );
             (t, p, "deq+gemm")
         }
+        Peer::Packed => {
+            // One packed copy per copy of the blocks, so the rotation is the same.
+            let packed = w
+                .copies
+                .iter()
+                .map(|b| PackedWeights::with_options(&opts, b, n, k))
+                .collect::<tessera_core::Result<Vec<_>>>()?;
+            let packed_call = |i: usize, c: &mut [f32]| {
+                matmul_packed_with(
+                    &opts,
+                    MatRef::dense(&w.a, m, k),
+                    &packed[i % copies],
+                    MatMut::dense(c, m, n),
+                )
+            };
+            let mut c_packed = vec![f32::NAN; m * n];
+            packed_call(0, &mut c_packed)?;
+            spot_check_reference(&w.a, &w.copies[0], shape, &c_packed)
+                .map_err(|e| fail("packed weights disagree with the reference", e))?;
+            // The same algorithm: only the order of the f32 sum over blocks can differ.
+            compare(&c, &c_packed, n, 1e-3)
+                .map_err(|e| fail("packed and plain weights disagree", e))?;
+            let (mut i, mut j) = (0usize, 0usize);
+            let (t, p) = measure_pair(
+                &ctx.config.timing,
+                || {
+                    i += 1;
+                    packed_call(i, &mut c_packed).expect("the same call succeeded above")
+                },
+                || {
+                    j += 1;
+                    ours(j, &mut c).expect("the same call succeeded above")
+                },
+            );
+            (t, p, "plain")
+        }
         Peer::Candle => {
             let cp = CandlePeer::new(w, candle_parts).map_err(candle_err)?;
             cp.call_into(0, &mut c_peer).map_err(candle_err)?;
@@ -765,16 +810,17 @@ mod tests {
         };
         // Single-threaded candle: a candle row at every thread count (split above 1).
         let all = ids(vec![1, 2], 1);
-        assert_eq!(all.len(), 5 * 3 * 2 * 2);
+        assert_eq!(all.len(), 5 * 3 * 2 * 3);
+        assert!(all.contains(&"quant/gemv/1x11008x4096/q4_0/pack/t2".to_string()));
         assert!(all.contains(&"quant/gemv/1x11008x4096/q4_0/candle/t2".to_string()));
         assert!(all.contains(&"quant/gemm/512x4096x4096/q4_K/deq/t1".to_string()));
         // CANDLE_NUM_THREADS=2: candle rows only at 2 threads.
         let two = ids(vec![1, 2], 2);
-        assert_eq!(two.len(), 5 * 3 * (2 + 1));
+        assert_eq!(two.len(), 5 * 3 * (2 * 2 + 1));
         assert!(!two.iter().any(|s| s.contains("/candle/t1")));
         assert_eq!(ids(vec![1, 2], 1).len(), all.len());
         let quick = case_list(&cfg(vec![1], true), 1);
-        assert_eq!(quick.len(), 2 * 3 * 2);
+        assert_eq!(quick.len(), 2 * 3 * 3);
     }
 
     #[test]
@@ -830,6 +876,8 @@ mod tests {
             (Peer::DeqGemm, 2, 1),
             (Peer::Candle, 1, 1),
             (Peer::Candle, 2, 2),
+            (Peer::Packed, 1, 1),
+            (Peer::Packed, 2, 1),
         ] {
             let row = run_small::<W>(peer, threads, parts);
             assert_eq!(row.reps, 2);
@@ -839,6 +887,7 @@ mod tests {
                 (Peer::DeqGemm, _) => assert_eq!(name, "deq+gemm"),
                 (Peer::Candle, 1) => assert_eq!(name, "candle"),
                 (Peer::Candle, _) => assert_eq!(name, "candle-split"),
+                (Peer::Packed, _) => assert_eq!(name, "plain"),
             }
         }
     }

@@ -183,8 +183,9 @@ prop_compose! {
     }
 }
 
-/// Runs the problem on `isa` with `threads` and checks it against the reference; returns C.
-fn check_matmul<W: TestWeight>(p: &Problem, isa: Isa, threads: usize) -> Vec<f32> {
+/// Runs the problem on `isa` with `threads` (through [`quant::PackedWeights`] when `packed`)
+/// and checks it against the reference; returns C.
+fn check_matmul<W: TestWeight>(p: &Problem, isa: Isa, threads: usize, packed: bool) -> Vec<f32> {
     let k = p.kb * W::LEN;
     let mut rng = Rng(p.seed);
     let lda = k + p.lda_pad;
@@ -200,14 +201,26 @@ fn check_matmul<W: TestWeight>(p: &Problem, isa: Isa, threads: usize) -> Vec<f32
         isa: Some(isa),
         parallelism: Parallelism::Threads(threads),
     };
-    quant::matmul_with(
-        &opts,
-        MatRef::new(&a, p.m, k, lda),
-        &w,
-        p.n,
-        MatMut::new(&mut c, p.m, p.n, ldc),
-    )
-    .unwrap();
+    if packed {
+        let pw = quant::PackedWeights::with_options(&opts, &w, p.n, k).unwrap();
+        assert_eq!((pw.rows(), pw.cols(), pw.isa()), (p.n, k, isa));
+        quant::matmul_packed_with(
+            &opts,
+            MatRef::new(&a, p.m, k, lda),
+            &pw,
+            MatMut::new(&mut c, p.m, p.n, ldc),
+        )
+        .unwrap();
+    } else {
+        quant::matmul_with(
+            &opts,
+            MatRef::new(&a, p.m, k, lda),
+            &w,
+            p.n,
+            MatMut::new(&mut c, p.m, p.n, ldc),
+        )
+        .unwrap();
+    }
     let mags = reference::quant_matmul(
         MatRef::new(&a, p.m, k, lda),
         &w,
@@ -241,16 +254,40 @@ fn check_matmul<W: TestWeight>(p: &Problem, isa: Isa, threads: usize) -> Vec<f32
     c
 }
 
+fn same_bits(x: &[f32], y: &[f32]) -> bool {
+    x.iter()
+        .zip(y)
+        .all(|(x, y)| x.to_bits() == y.to_bits() || (x.is_nan() && y.is_nan()))
+}
+
+/// Every ISA, on the blocks as given and on packed weights, with 1 and 3 threads.
 fn check_all_isas<W: TestWeight>(p: &Problem) {
     for isa in isas() {
-        let one = check_matmul::<W>(p, isa, 1);
-        let three = check_matmul::<W>(p, isa, 3);
+        let one = check_matmul::<W>(p, isa, 1, false);
+        let three = check_matmul::<W>(p, isa, 3, false);
         // Each output is computed by the same operations whichever thread runs it.
-        let same = one
-            .iter()
-            .zip(&three)
-            .all(|(x, y)| x.to_bits() == y.to_bits() || (x.is_nan() && y.is_nan()));
-        assert!(same, "{isa:?} {:?}: 1 and 3 threads differ", W::FORMAT);
+        assert!(
+            same_bits(&one, &three),
+            "{isa:?} {:?}: 1 and 3 threads differ",
+            W::FORMAT
+        );
+        let packed = check_matmul::<W>(p, isa, 1, true);
+        let packed3 = check_matmul::<W>(p, isa, 3, true);
+        assert!(
+            same_bits(&packed, &packed3),
+            "{isa:?} {:?}: packed, 1 and 3 threads differ",
+            W::FORMAT
+        );
+        // From 4 tokens on, `matmul` takes the packed-panel path where the ISA has one (and
+        // packed weights without it keep the blocks): the same kernel, the same bits.
+        if p.m >= 4 {
+            assert!(
+                same_bits(&one, &packed),
+                "{isa:?} {:?}: packed and plain differ for {} tokens",
+                W::FORMAT,
+                p.m
+            );
+        }
     }
 }
 
@@ -536,6 +573,80 @@ fn bad_shapes_are_errors() {
 }
 
 #[test]
+fn packed_weights_bad_input_is_an_error() {
+    let a = vec![0f32; 128];
+    let w = vec![BlockQ8_0::zeroed(); 4];
+    let mut c = vec![0f32; 4];
+    for isa in isas() {
+        let opts = QuantOptions {
+            isa: Some(isa),
+            parallelism: Parallelism::Sequential,
+        };
+        // k = 48 is not a multiple of 32; 4 blocks for 3 rows of 1; overflowing n x blocks.
+        let r = quant::PackedWeights::with_options(&opts, &w, 1, 48);
+        assert!(matches!(r, Err(Error::InvalidArgument(_))), "{r:?}");
+        let r = quant::PackedWeights::with_options(&opts, &w, 3, 32);
+        assert!(matches!(r, Err(Error::LengthMismatch { .. })), "{r:?}");
+        assert!(quant::PackedWeights::with_options(&opts, &w, usize::MAX, 32).is_err());
+        // 2 rows of 2 blocks.
+        let pw = quant::PackedWeights::with_options(&opts, &w, 2, 64).unwrap();
+        // A with 32 columns against k = 64.
+        let r = quant::matmul_packed_with(
+            &opts,
+            MatRef::dense(&a[..64], 2, 32),
+            &pw,
+            MatMut::dense(&mut c, 2, 2),
+        );
+        assert!(matches!(r, Err(Error::ShapeMismatch { .. })), "{r:?}");
+        // C of the wrong shape, C too short, A's leading dimension below its row.
+        let r = quant::matmul_packed_with(
+            &opts,
+            MatRef::dense(&a[..64], 1, 64),
+            &pw,
+            MatMut::dense(&mut c[..3], 1, 3),
+        );
+        assert!(matches!(r, Err(Error::ShapeMismatch { .. })), "{r:?}");
+        let r = quant::matmul_packed_with(
+            &opts,
+            MatRef::dense(&a, 2, 64),
+            &pw,
+            MatMut::new(&mut c[..3], 2, 2, 2),
+        );
+        assert!(matches!(r, Err(Error::SliceTooShort { .. })), "{r:?}");
+        let r = quant::matmul_packed_with(
+            &opts,
+            MatRef::new(&a, 2, 64, 32),
+            &pw,
+            MatMut::dense(&mut c, 2, 2),
+        );
+        assert!(matches!(r, Err(Error::LeadingDimension { .. })), "{r:?}");
+        // Another ISA than the one the weights were packed for.
+        for other in isas().into_iter().filter(|&o| o != isa) {
+            let o = QuantOptions {
+                isa: Some(other),
+                ..opts
+            };
+            let r = quant::matmul_packed_with(
+                &o,
+                MatRef::dense(&a[..64], 1, 64),
+                &pw,
+                MatMut::dense(&mut c[..2], 1, 2),
+            );
+            assert!(matches!(r, Err(Error::InvalidArgument(_))), "{r:?}");
+        }
+        // Nothing was written by the failed calls; a good one works.
+        assert!(c.iter().all(|&x| x == 0.0));
+        quant::matmul_packed_with(
+            &opts,
+            MatRef::dense(&a[..64], 1, 64),
+            &pw,
+            MatMut::dense(&mut c[..2], 1, 2),
+        )
+        .unwrap();
+    }
+}
+
+#[test]
 fn unavailable_isa_is_an_error() {
     for isa in Isa::ALL {
         if !quant::is_available(isa) {
@@ -562,7 +673,7 @@ fn non_finite_weight_scales_propagate() {
             // Row 4's second block gets the bad scale.
             poison(&mut w[4 * kb + 1], bad);
             // Five tokens (packed panels where the ISA has them), three (tiles) and one (the
-            // GEMV path).
+            // GEMV path), on the blocks and on packed weights (C's rows m.. of `c`).
             for (isa, m) in isas().into_iter().flat_map(|i| [(i, 5), (i, 3), (i, 1)]) {
                 let mut c = vec![0f32; m * n];
                 let opts = QuantOptions {
@@ -577,7 +688,17 @@ fn non_finite_weight_scales_propagate() {
                     MatMut::dense(&mut c, m, n),
                 )
                 .unwrap();
-                for t in 0..m {
+                let mut cp = vec![0f32; m * n];
+                let pw = quant::PackedWeights::with_options(&opts, &w, n, k).unwrap();
+                quant::matmul_packed_with(
+                    &opts,
+                    MatRef::dense(&a[..m * k], m, k),
+                    &pw,
+                    MatMut::dense(&mut cp, m, n),
+                )
+                .unwrap();
+                c.extend_from_slice(&cp);
+                for t in 0..2 * m {
                     for j in 0..n {
                         let v = c[t * n + j];
                         if j == 4 {

@@ -804,6 +804,23 @@ unsafe fn tile_q4_k_mn<const MR: usize, const NR: usize>(t: &Tile<BlockQ4_K>) {
 const PANEL_MIN_TOKENS: usize = 4;
 /// Tokens whose accumulators a panel kernel keeps in registers at a time.
 const PANEL_NT: usize = 4;
+
+/// Runs a panel kernel `$f::<NT>` on the panel's tokens: the largest multiple of
+/// [`PANEL_NT`] of them in groups of `PANEL_NT`, the rest one at a time, so that no token
+/// is computed twice (a token's operations do not depend on its group, so neither do the
+/// results).
+macro_rules! split_tokens {
+    ($f:ident, $p:expr) => {{
+        let p: &Panel<_> = $p;
+        let full = p.tokens / PANEL_NT * PANEL_NT;
+        if full > 0 {
+            $f::<PANEL_NT>(&p.first(full));
+        }
+        if full < p.tokens {
+            $f::<1>(&p.after(full));
+        }
+    }};
+}
 /// Q8_0 panel block: 8 vectors of quants (vector `v`: quants `4v..4v+4` of each row), then
 /// the 8 rows' scales as f32.
 const Q8_0_PANEL_BLOCK: usize = 8 * 32 + 32;
@@ -937,7 +954,16 @@ unsafe fn pack_q8_0(w: *const BlockQ8_0, ldw: usize, rows: usize, kb: usize, out
 /// See [`super::PanelFn`].
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn panel_q8_0(p: &Panel<BlockQ8_0>) {
-    const NT: usize = PANEL_NT;
+    // SAFETY: forwarded contract (`split_tokens` hands out sub-runs of the panel's tokens).
+    unsafe { split_tokens!(panel_q8_0_nt, p) }
+}
+
+/// [`panel_q8_0`] on its tokens `NT` at a time (the last group aliasing its first token).
+///
+/// # Safety
+/// See [`super::PanelFn`].
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn panel_q8_0_nt<const NT: usize>(p: &Panel<BlockQ8_0>) {
     // SAFETY: the panel holds kb blocks; every token pointer has kb blocks and scales.
     unsafe {
         let ones = _mm256_set1_epi16(1);
@@ -1003,7 +1029,16 @@ unsafe fn pack_q4_0(w: *const BlockQ4_0, ldw: usize, rows: usize, kb: usize, out
 /// See [`super::PanelFn`].
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn panel_q4_0(p: &Panel<BlockQ4_0>) {
-    const NT: usize = PANEL_NT;
+    // SAFETY: forwarded contract (`split_tokens` hands out sub-runs of the panel's tokens).
+    unsafe { split_tokens!(panel_q4_0_nt, p) }
+}
+
+/// [`panel_q4_0`] on its tokens `NT` at a time (the last group aliasing its first token).
+///
+/// # Safety
+/// See [`super::PanelFn`].
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn panel_q4_0_nt<const NT: usize>(p: &Panel<BlockQ4_0>) {
     // SAFETY: as in `panel_q8_0`; the sums have kb entries per token.
     unsafe {
         let ones = _mm256_set1_epi16(1);
@@ -1085,7 +1120,16 @@ unsafe fn pack_q4_k(w: *const BlockQ4_K, ldw: usize, rows: usize, kb: usize, out
 /// See [`super::PanelFn`].
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn panel_q4_k(p: &Panel<BlockQ4_K>) {
-    const NT: usize = PANEL_NT;
+    // SAFETY: forwarded contract (`split_tokens` hands out sub-runs of the panel's tokens).
+    unsafe { split_tokens!(panel_q4_k_nt, p) }
+}
+
+/// [`panel_q4_k`] on its tokens `NT` at a time (the last group aliasing its first token).
+///
+/// # Safety
+/// See [`super::PanelFn`].
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn panel_q4_k_nt<const NT: usize>(p: &Panel<BlockQ4_K>) {
     // SAFETY: as in `panel_q8_0`.
     unsafe {
         let m4 = _mm256_set1_epi8(0x0f);
