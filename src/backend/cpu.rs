@@ -14,7 +14,7 @@ use tessera_cpu::attention::{AttentionOptions, attention_with};
 use tessera_cpu::gemm::{GemmOptions, gemm_with};
 use tessera_cpu::kv_cache::{DecodeOptions, KvCache, decode_attention_with};
 use tessera_cpu::ops::{self, OpsOptions};
-use tessera_cpu::quant::{QuantOptions, matmul_with};
+use tessera_cpu::quant::{PackedWeights, QuantOptions, matmul_packed_with};
 use tessera_cpu::{Isa, Parallelism};
 
 /// The CPU backend: an instruction set (the best one by default) and a thread count.
@@ -113,23 +113,23 @@ pub enum CpuWeight {
     F16 { n: usize, k: usize, data: Vec<f16> },
     /// bf16 values.
     BF16 { n: usize, k: usize, data: Vec<bf16> },
-    /// Q8_0 blocks, `k / 32` per row.
+    /// Q8_0 blocks, `k / 32` per row, packed for the backend's ISA.
     Q8_0 {
         n: usize,
         k: usize,
-        data: Vec<BlockQ8_0>,
+        data: PackedWeights<BlockQ8_0>,
     },
-    /// Q4_0 blocks, `k / 32` per row.
+    /// Q4_0 blocks, `k / 32` per row, packed for the backend's ISA.
     Q4_0 {
         n: usize,
         k: usize,
-        data: Vec<BlockQ4_0>,
+        data: PackedWeights<BlockQ4_0>,
     },
-    /// Q4_K super-blocks, `k / 256` per row.
+    /// Q4_K super-blocks, `k / 256` per row, packed for the backend's ISA.
     Q4_K {
         n: usize,
         k: usize,
-        data: Vec<BlockQ4_K>,
+        data: PackedWeights<BlockQ4_K>,
     },
 }
 
@@ -163,16 +163,31 @@ fn matmul_float<B: Element>(
 fn matmul_quant<W: WeightBlock>(
     cpu: &Cpu,
     x: MatRef<'_, f32>,
-    w: &[W],
-    n: usize,
+    w: &PackedWeights<W>,
     out: MatMut<'_, f32>,
 ) -> Result<()> {
-    let opts = QuantOptions {
-        isa: Some(cpu.isa),
-        parallelism: cpu.par,
-    };
-    matmul_with(&opts, x, w, n, out)?;
+    matmul_packed_with(&cpu.quant_options(), x, w, out)?;
     Ok(())
+}
+
+impl Cpu {
+    fn quant_options(&self) -> QuantOptions {
+        QuantOptions {
+            isa: Some(self.isa),
+            parallelism: self.par,
+        }
+    }
+
+    /// Quantized weights packed once for this backend's quant kernels (see
+    /// [`PackedWeights`]: the decode GEMV then runs the packed-panel kernel).
+    fn pack<W: WeightBlock>(&self, n: usize, k: usize, w: &[W]) -> Result<PackedWeights<W>> {
+        Ok(PackedWeights::with_options(
+            &self.quant_options(),
+            w,
+            n,
+            k,
+        )?)
+    }
 }
 
 fn heads<'a>(h: &HeadsRef<'a, CpuTensor>, name: &str) -> Result<Heads<'a, f32>> {
@@ -236,17 +251,17 @@ impl Backend for Cpu {
             WeightDType::Q8_0 => CpuWeight::Q8_0 {
                 n,
                 k,
-                data: quantize_blocks(data)?,
+                data: self.pack(n, k, &quantize_blocks(data)?)?,
             },
             WeightDType::Q4_0 => CpuWeight::Q4_0 {
                 n,
                 k,
-                data: quantize_blocks(data)?,
+                data: self.pack(n, k, &quantize_blocks(data)?)?,
             },
             WeightDType::Q4_K => CpuWeight::Q4_K {
                 n,
                 k,
-                data: quantize_blocks(data)?,
+                data: self.pack(n, k, &quantize_blocks(data)?)?,
             },
         })
     }
@@ -278,9 +293,9 @@ impl Backend for Cpu {
             CpuWeight::F32 { data, .. } => matmul_float(self, alpha, xm, data, n, k, om)?,
             CpuWeight::F16 { data, .. } => matmul_float(self, alpha, xm, data, n, k, om)?,
             CpuWeight::BF16 { data, .. } => matmul_float(self, alpha, xm, data, n, k, om)?,
-            CpuWeight::Q8_0 { data, .. } => matmul_quant(self, xm, data, n, om)?,
-            CpuWeight::Q4_0 { data, .. } => matmul_quant(self, xm, data, n, om)?,
-            CpuWeight::Q4_K { data, .. } => matmul_quant(self, xm, data, n, om)?,
+            CpuWeight::Q8_0 { data, .. } => matmul_quant(self, xm, data, om)?,
+            CpuWeight::Q4_0 { data, .. } => matmul_quant(self, xm, data, om)?,
+            CpuWeight::Q4_K { data, .. } => matmul_quant(self, xm, data, om)?,
         }
         if dtype.is_quantized() && alpha != 1.0 {
             ops::scale_with(&self.ops(), out.mat_mut(), alpha)?;

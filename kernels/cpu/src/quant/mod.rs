@@ -697,6 +697,7 @@ struct Line([u8; 64]);
 /// which). Results equal [`tessera_core::reference::quant_matmul`] up to the order of the f32
 /// sum over blocks, as for [`matmul`]; from the panel path's token count on (4 tokens with
 /// AVX2), they are bit-identical to [`matmul`]'s.
+#[derive(Clone)]
 pub struct PackedWeights<W: WeightBlock> {
     isa: Isa,
     n: usize,
