@@ -181,12 +181,7 @@ impl Cpu {
     /// Quantized weights packed once for this backend's quant kernels (see
     /// [`PackedWeights`]: the decode GEMV then runs the packed-panel kernel).
     fn pack<W: WeightBlock>(&self, n: usize, k: usize, w: &[W]) -> Result<PackedWeights<W>> {
-        Ok(PackedWeights::with_options(
-            &self.quant_options(),
-            w,
-            n,
-            k,
-        )?)
+        Ok(PackedWeights::with_options(&self.quant_options(), w, n, k)?)
     }
 }
 
