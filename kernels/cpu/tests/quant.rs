@@ -572,6 +572,43 @@ fn bad_shapes_are_errors() {
     }
 }
 
+/// Bytes of `n` rows of `kb` blocks of `W` packed into panels of 8 rows (rows padded to a
+/// whole panel), each block and row taking `extra` bytes more than in `W`, each panel
+/// rounded up to a 64-byte line.
+fn packed_bound<W>(n: usize, kb: usize, extra: usize) -> usize {
+    n.div_ceil(8) * (8 * kb * (std::mem::size_of::<W>() + extra)).next_multiple_of(64)
+}
+
+fn check_packed_size<W: TestWeight + Zeroable>(extra: usize) {
+    for isa in isas() {
+        let opts = QuantOptions {
+            isa: Some(isa),
+            parallelism: Parallelism::Sequential,
+        };
+        for (n, kb) in [(1, 1), (8, 3), (13, 5), (64, 16)] {
+            let w = vec![W::zeroed(); n * kb];
+            let pw = quant::PackedWeights::with_options(&opts, &w, n, kb * W::LEN).unwrap();
+            let bound = packed_bound::<W>(n, kb, extra);
+            assert!(
+                pw.size_bytes() <= bound,
+                "{isa:?} {:?} {n}x{kb}: {} > {bound}",
+                W::FORMAT,
+                pw.size_bytes()
+            );
+        }
+    }
+}
+
+/// Packed weights take the blocks' bytes (Q8_0, Q4_0), or 4 more per Q4_K block (its 6-bit
+/// scales and mins as bytes), up to whole panels and lines: a one-token pass over packed
+/// weights reads no more than one over the blocks.
+#[test]
+fn packed_weights_are_the_size_of_the_blocks() {
+    check_packed_size::<BlockQ8_0>(0);
+    check_packed_size::<BlockQ4_0>(0);
+    check_packed_size::<BlockQ4_K>(4);
+}
+
 #[test]
 fn packed_weights_bad_input_is_an_error() {
     let a = vec![0f32; 128];

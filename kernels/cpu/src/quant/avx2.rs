@@ -37,7 +37,7 @@ pub(super) static TABLE: Table = Table {
         tile: tile_q8_0,
         gemv: None,
         panel: Some(PanelKernels {
-            bytes: |kb| (kb * Q8_0_PANEL_BLOCK).next_multiple_of(64),
+            bytes: |kb| Q8_0_PANEL.bytes(kb),
             pack: pack_q8_0,
             run: panel_q8_0,
             min_tokens: PANEL_MIN_TOKENS,
@@ -53,7 +53,7 @@ pub(super) static TABLE: Table = Table {
             run: gemv_q4_0_pairs,
         }),
         panel: Some(PanelKernels {
-            bytes: |kb| (kb * Q4_0_PANEL_BLOCK).next_multiple_of(64),
+            bytes: |kb| Q4_0_PANEL.bytes(kb),
             pack: pack_q4_0,
             run: panel_q4_0,
             min_tokens: PANEL_MIN_TOKENS,
@@ -65,7 +65,7 @@ pub(super) static TABLE: Table = Table {
         tile: tile_q4_k,
         gemv: None,
         panel: Some(PanelKernels {
-            bytes: |kb| (kb * Q4_K_PANEL_BLOCK).next_multiple_of(64),
+            bytes: |kb| Q4_K_PANEL.bytes(kb),
             pack: pack_q4_k,
             run: panel_q4_k,
             min_tokens: PANEL_MIN_TOKENS,
@@ -796,8 +796,11 @@ unsafe fn tile_q4_k_mn<const MR: usize, const NR: usize>(t: &Tile<BlockQ4_K>) {
 // A panel interleaves 8 weight rows so that 32-bit lane `r` of every vector belongs to row
 // `r`: a vector holds 4 consecutive quants of each row, and the integer products of one
 // token (its 4 matching activation quants broadcast to every lane) accumulate per row with
-// no horizontal sum; each block's scales are one f32 vector for the 8 rows. Per block the
-// panel stores its quant vectors, then its scale vectors (layouts below). Rows of the panel
+// no horizontal sum; each block's scales convert to one f32 vector for the 8 rows. The
+// scales are kept as compact as in the GGUF blocks (f16, and Q4_K's 6-bit sub-block scales
+// as bytes), so that a panel is about the size of its blocks (34, 18 and 148 bytes per block
+// and row): a one-token pass over packed weights is bound by the bytes it reads. Layouts
+// below ([`PanelLayout`]). Rows of the panel
 // beyond `rows` repeat row 0: computed, never stored.
 
 /// Fewest tokens for which the panel path replaces the register tiles.
@@ -821,18 +824,89 @@ macro_rules! split_tokens {
         }
     }};
 }
-/// Q8_0 panel block: 8 vectors of quants (vector `v`: quants `4v..4v+4` of each row), then
-/// the 8 rows' scales as f32.
-const Q8_0_PANEL_BLOCK: usize = 8 * 32 + 32;
-/// Q4_0 panel block: 4 vectors of nibble bytes (vector `v`: bytes `4v..4v+4` of each row,
-/// whose low nibbles are weights `4v..4v+4` and high nibbles `16+4v..16+4v+4`), then the
-/// scales as f32.
-const Q4_0_PANEL_BLOCK: usize = 4 * 32 + 32;
-/// Q4_K panel block: 32 vectors of nibble bytes (vector `8g + v`: bytes `32g+4v..32g+4v+4`
-/// of each row: low nibbles of sub-block `2g`, high of `2g+1`), 8 vectors of sub-block scales
-/// as i16 pairs (vector `s`: lanes `2r, 2r+1` = row `r`'s scale of sub-block `s`), 8 of mins
-/// laid out the same way, then `d` and `dmin` as f32.
-const Q4_K_PANEL_BLOCK: usize = 32 * 32 + 8 * 32 + 8 * 32 + 2 * 32;
+/// Where a panel keeps each block's quants and scales: in groups of `group` blocks, each
+/// group first the scales of its blocks (`scales` bytes per block, `group` slots even in a
+/// shorter last group), then their quants (`quants` bytes per block). A pass over the panel
+/// then walks forward through one stream of lines. (Keeping all the scales in a run after
+/// the quants, a second stream, or a group's scales after its quants, so that each group's
+/// first block reads ahead and then back, was measured up to ~30% slower from memory.)
+struct PanelLayout {
+    quants: usize,
+    scales: usize,
+    group: usize,
+}
+
+impl PanelLayout {
+    /// Bytes of a panel of `kb` blocks (whole 64-byte lines).
+    const fn bytes(&self, kb: usize) -> usize {
+        (kb.div_ceil(self.group) * self.group * self.scales + kb * self.quants).next_multiple_of(64)
+    }
+
+    /// Offsets of block `b`'s quants and scales in a panel (quants 32-byte aligned, scales
+    /// 16-byte aligned, given the layouts below).
+    #[inline(always)]
+    const fn at(&self, b: usize) -> (usize, usize) {
+        let i = b % self.group;
+        let base = (b - i) * (self.quants + self.scales);
+        (
+            base + self.group * self.scales + i * self.quants,
+            base + i * self.scales,
+        )
+    }
+}
+
+/// Calls `f(b, quants, scales)` with the addresses of block `b`'s quants and scales, for the
+/// blocks `b = 0..kb` of the panel at `panel` in order (a group at a time, so that the
+/// offsets are constants within a group).
+///
+/// # Safety
+/// `panel` is a panel of `kb` blocks in layout `l`.
+#[inline(always)]
+unsafe fn panel_blocks(
+    l: &PanelLayout,
+    panel: *const u8,
+    kb: usize,
+    mut f: impl FnMut(usize, *const u8, *const u8),
+) {
+    // SAFETY: every offset is one of `l.at(b)` for b < kb, inside the panel.
+    unsafe {
+        for first in (0..kb).step_by(l.group) {
+            let base = panel.add(first * (l.quants + l.scales));
+            let quants = base.add(l.group * l.scales);
+            for i in 0..l.group.min(kb - first) {
+                f(first + i, quants.add(i * l.quants), base.add(i * l.scales));
+            }
+        }
+    }
+}
+
+/// Q8_0 panel, per block: 8 vectors of quants (vector `v`: quants `4v..4v+4` of each row);
+/// its scales: the 8 rows' f16 `d` ([`F16_ROWS`] bytes), four blocks' in one line.
+const Q8_0_PANEL: PanelLayout = PanelLayout {
+    quants: 8 * 32,
+    scales: F16_ROWS,
+    group: 4,
+};
+/// Q4_0 panel, per block: 4 vectors of nibble bytes (vector `v`: bytes `4v..4v+4` of each
+/// row, whose low nibbles are weights `4v..4v+4` and high nibbles `16+4v..16+4v+4`); its
+/// scales: the rows' f16 `d`, four blocks' in one line.
+const Q4_0_PANEL: PanelLayout = PanelLayout {
+    quants: 4 * 32,
+    scales: F16_ROWS,
+    group: 4,
+};
+/// Q4_K panel, per block: 32 vectors of nibble bytes (vector `8g + v`: bytes
+/// `32g+4v..32g+4v+4` of each row: low nibbles of sub-block `2g`, high of `2g+1`); its
+/// scales: the 6-bit sub-block scales as bytes (byte `8s + r`: row `r`'s scale of sub-block
+/// `s`), the mins laid out the same way, then the rows' f16 `d` and f16 `dmin` (160 bytes,
+/// a multiple of 32: blocks one by one keep the quants 32-byte aligned).
+const Q4_K_PANEL: PanelLayout = PanelLayout {
+    quants: 32 * 32,
+    scales: 8 * 8 + 8 * 8 + 2 * F16_ROWS,
+    group: 1,
+};
+/// One f16 per panel row.
+const F16_ROWS: usize = 2 * PANEL_ROWS;
 
 /// Transposes 8 rows of 8 dwords into the 8 vectors at `dst` (32 bytes apart): lane `r` of
 /// vector `v` is dword `v` of row `r`. The f32 transpose of the gemm packing, on the bits
@@ -851,22 +925,46 @@ unsafe fn transpose_8x8_store(rows: [__m256i; 8], dst: *mut u8) {
     unsafe { Avx2::transpose_store(&rows, dst.cast(), 8) }
 }
 
-/// The 8 f16 at `p[r]` (one per row) widened to f32.
+/// Writes the 8 f16 at `p[r]` (one per row) to the [`F16_ROWS`] bytes at `dst`.
+///
+/// # Safety
+/// Each pointer is 2 readable bytes; `dst` is writable for 16 bytes.
 #[inline(always)]
-unsafe fn f16x8(p: [*const tessera_core::f16; 8]) -> __m256 {
-    // SAFETY: each pointer is 2 readable bytes; F16C is available.
+unsafe fn store_f16x8(p: [*const tessera_core::f16; 8], dst: *mut u8) {
+    // SAFETY: as documented (unaligned reads and write).
     unsafe {
-        let h = |r: usize| p[r].cast::<i16>().read_unaligned();
-        _mm256_cvtph_ps(_mm_setr_epi16(
-            h(0),
-            h(1),
-            h(2),
-            h(3),
-            h(4),
-            h(5),
-            h(6),
-            h(7),
-        ))
+        let h: [u16; PANEL_ROWS] = std::array::from_fn(|r| p[r].cast::<u16>().read_unaligned());
+        dst.cast::<[u16; PANEL_ROWS]>().write_unaligned(h);
+    }
+}
+
+/// The 8 rows' f16 stored by [`store_f16x8`] at `p` (16-byte aligned), widened to f32.
+#[inline(always)]
+unsafe fn load_f16x8(p: *const u8) -> __m256 {
+    // SAFETY: 16 readable bytes at p, 16-byte aligned; F16C is available.
+    unsafe { _mm256_cvtph_ps(_mm_load_si128(p.cast())) }
+}
+
+/// The 8 rows' bytes at `p` (byte `r` for row `r`) widened to i16 pairs: lanes `2r` and
+/// `2r + 1` both hold byte `r` (the operand of a `vpmaddwd` that scales row `r`'s pair
+/// sums). `ctrl` is [`pair_ctrl`].
+#[inline(always)]
+unsafe fn widen_pairs(p: *const u8, ctrl: __m256i) -> __m256i {
+    // SAFETY: 8 readable bytes at p.
+    unsafe { _mm256_shuffle_epi8(_mm256_set1_epi64x(p.cast::<i64>().read_unaligned()), ctrl) }
+}
+
+/// The `vpshufb` control of [`widen_pairs`]: in both 128-bit halves (each holding the 8 bytes),
+/// dword `r` of the vector takes byte `r`, zero-extended, twice.
+#[inline(always)]
+unsafe fn pair_ctrl() -> __m256i {
+    const Z: i8 = -128;
+    // SAFETY: register-only AVX operation.
+    unsafe {
+        _mm256_setr_epi8(
+            0, Z, 0, Z, 1, Z, 1, Z, 2, Z, 2, Z, 3, Z, 3, Z, //
+            4, Z, 4, Z, 5, Z, 5, Z, 6, Z, 6, Z, 7, Z, 7, Z,
+        )
     }
 }
 
@@ -936,16 +1034,16 @@ unsafe fn panel_tokens<W: tessera_core::quant::WeightBlock, const NT: usize>(
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn pack_q8_0(w: *const BlockQ8_0, ldw: usize, rows: usize, kb: usize, out: *mut u8) {
     let wp: [*const BlockQ8_0; PANEL_ROWS] = row_ptrs(w, ldw, rows);
-    // SAFETY: blocks b < kb of each row (rows beyond `rows` alias row 0); the panel's kb
-    // blocks of Q8_0_PANEL_BLOCK bytes.
+    // SAFETY: blocks b < kb of each row (rows beyond `rows` alias row 0); the panel's
+    // Q8_0_PANEL.bytes(kb) bytes.
     unsafe {
         for b in 0..kb {
-            let dst = out.add(b * Q8_0_PANEL_BLOCK);
+            let (qo, so) = Q8_0_PANEL.at(b);
             let rows =
                 std::array::from_fn(|r| _mm256_loadu_si256((&raw const (*wp[r].add(b)).qs).cast()));
-            transpose_8x8_store(rows, dst);
-            let d = f16x8(std::array::from_fn(|r| &raw const (*wp[r].add(b)).d));
-            _mm256_store_ps(dst.add(8 * 32).cast(), d);
+            transpose_8x8_store(rows, out.add(qo));
+            let d = std::array::from_fn(|r| &raw const (*wp[r].add(b)).d);
+            store_f16x8(d, out.add(so));
         }
     }
 }
@@ -969,8 +1067,7 @@ unsafe fn panel_q8_0_nt<const NT: usize>(p: &Panel<BlockQ8_0>) {
         let ones = _mm256_set1_epi16(1);
         panel_tokens::<_, NT>(p, |ap, _sp, dp| {
             let mut acc = [_mm256_setzero_ps(); NT];
-            for b in 0..p.kb {
-                let blk = p.panel.add(b * Q8_0_PANEL_BLOCK);
+            panel_blocks(&Q8_0_PANEL, p.panel, p.kb, |b, blk, sc| {
                 let mut isum = [_mm256_setzero_si256(); NT];
                 for v in 0..8 {
                     let w = _mm256_load_si256(blk.add(32 * v).cast());
@@ -981,12 +1078,12 @@ unsafe fn panel_q8_0_nt<const NT: usize>(p: &Panel<BlockQ8_0>) {
                         isum[j] = _mm256_add_epi32(isum[j], dot_u8i8(aw, s, ones));
                     }
                 }
-                let dw = _mm256_load_ps(blk.add(8 * 32).cast());
+                let dw = load_f16x8(sc);
                 for j in 0..NT {
                     let d = _mm256_mul_ps(dw, _mm256_broadcast_ss(&*dp[j].add(b)));
                     acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[j]), d, acc[j]);
                 }
-            }
+            });
             acc
         })
     }
@@ -1000,7 +1097,8 @@ unsafe fn pack_q4_0(w: *const BlockQ4_0, ldw: usize, rows: usize, kb: usize, out
     // SAFETY: as in `pack_q8_0`; each row's block holds 16 bytes of nibbles.
     unsafe {
         for b in 0..kb {
-            let dst = out.add(b * Q4_0_PANEL_BLOCK);
+            let (qo, so) = Q4_0_PANEL.at(b);
+            let dst = out.add(qo);
             let q = |r: usize| _mm_loadu_si128((&raw const (*wp[r].add(b)).qs).cast());
             // Rows r and r + 4 share a vector (one per 128-bit lane); a 4 × 4 dword
             // transpose within each lane then gives vector v = bytes 4v..4v+4 of rows 0..8.
@@ -1019,8 +1117,8 @@ unsafe fn pack_q4_0(w: *const BlockQ4_0, ldw: usize, rows: usize, kb: usize, out
             for (v, x) in lanes.iter().enumerate() {
                 _mm256_store_si256(dst.add(32 * v).cast(), *x);
             }
-            let d = f16x8(std::array::from_fn(|r| &raw const (*wp[r].add(b)).d));
-            _mm256_store_ps(dst.add(4 * 32).cast(), d);
+            let d = std::array::from_fn(|r| &raw const (*wp[r].add(b)).d);
+            store_f16x8(d, out.add(so));
         }
     }
 }
@@ -1045,8 +1143,7 @@ unsafe fn panel_q4_0_nt<const NT: usize>(p: &Panel<BlockQ4_0>) {
         let m4 = _mm256_set1_epi8(0x0f);
         panel_tokens::<_, NT>(p, |ap, sp, dp| {
             let mut acc = [_mm256_setzero_ps(); NT];
-            for b in 0..p.kb {
-                let blk = p.panel.add(b * Q4_0_PANEL_BLOCK);
+            panel_blocks(&Q4_0_PANEL, p.panel, p.kb, |b, blk, sc| {
                 // The block's 8 pair sums per lane stay in i16: each is at most
                 // 2·15·128, so 8 of them are below 2¹⁵.
                 let mut s16 = [_mm256_setzero_si256(); NT];
@@ -1061,14 +1158,14 @@ unsafe fn panel_q4_0_nt<const NT: usize>(p: &Panel<BlockQ4_0>) {
                         s16[j] = _mm256_add_epi16(s16[j], _mm256_add_epi16(p_lo, p_hi));
                     }
                 }
-                let dw = _mm256_load_ps(blk.add(4 * 32).cast());
+                let dw = load_f16x8(sc);
                 for j in 0..NT {
                     let off = _mm256_set1_epi32((*sp[j].add(b)).wrapping_mul(8));
                     let isum = _mm256_sub_epi32(_mm256_madd_epi16(s16[j], ones), off);
                     let d = _mm256_mul_ps(dw, _mm256_broadcast_ss(&*dp[j].add(b)));
                     acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), d, acc[j]);
                 }
-            }
+            });
             acc
         })
     }
@@ -1082,7 +1179,8 @@ unsafe fn pack_q4_k(w: *const BlockQ4_K, ldw: usize, rows: usize, kb: usize, out
     // SAFETY: as in `pack_q8_0`; each row's block holds 128 bytes of nibbles.
     unsafe {
         for b in 0..kb {
-            let dst = out.add(b * Q4_K_PANEL_BLOCK);
+            let (qo, so) = Q4_K_PANEL.at(b);
+            let dst = out.add(qo);
             for g in 0..QK_K / 64 {
                 let rows = std::array::from_fn(|r| {
                     let qs = (&raw const (*wp[r].add(b)).qs).cast::<u8>();
@@ -1090,28 +1188,20 @@ unsafe fn pack_q4_k(w: *const BlockQ4_K, ldw: usize, rows: usize, kb: usize, out
                 });
                 transpose_8x8_store(rows, dst.add(32 * 8 * g));
             }
-            let mut sc = [[0i16; 16]; 8];
-            let mut mins = [[0i16; 16]; 8];
+            // Scales then mins, byte 8s + r for row r and sub-block s.
+            let mut sm = [[0u8; PANEL_ROWS]; 16];
             for r in 0..PANEL_ROWS {
                 let blk = &*wp[r].add(b);
                 for s in 0..8 {
-                    let (scale, min) = blk.scale_min(s);
-                    sc[s][2 * r] = scale as i16;
-                    sc[s][2 * r + 1] = scale as i16;
-                    mins[s][2 * r] = min as i16;
-                    mins[s][2 * r + 1] = min as i16;
+                    (sm[s][r], sm[8 + s][r]) = blk.scale_min(s);
                 }
             }
-            let sdst = dst.add(32 * 32).cast::<[i16; 16]>();
-            for s in 0..8 {
-                sdst.add(s).write(sc[s]);
-                sdst.add(8 + s).write(mins[s]);
-            }
-            let fdst = dst.add(48 * 32).cast::<f32>();
-            let d = f16x8(std::array::from_fn(|r| &raw const (*wp[r].add(b)).d));
-            let dmin = f16x8(std::array::from_fn(|r| &raw const (*wp[r].add(b)).dmin));
-            _mm256_store_ps(fdst, d);
-            _mm256_store_ps(fdst.add(8), dmin);
+            let sdst = out.add(so);
+            sdst.cast::<[[u8; PANEL_ROWS]; 16]>().write_unaligned(sm);
+            let d = std::array::from_fn(|r| &raw const (*wp[r].add(b)).d);
+            store_f16x8(d, sdst.add(128));
+            let dmin = std::array::from_fn(|r| &raw const (*wp[r].add(b)).dmin);
+            store_f16x8(dmin, sdst.add(128 + F16_ROWS));
         }
     }
 }
@@ -1133,11 +1223,10 @@ unsafe fn panel_q4_k_nt<const NT: usize>(p: &Panel<BlockQ4_K>) {
     // SAFETY: as in `panel_q8_0`.
     unsafe {
         let m4 = _mm256_set1_epi8(0x0f);
+        let ctrl = pair_ctrl();
         panel_tokens::<_, NT>(p, |ap, _sp, _dp| {
             let mut acc = [_mm256_setzero_ps(); NT];
-            for b in 0..p.kb {
-                let blk = p.panel.add(b * Q4_K_PANEL_BLOCK);
-                let scales = blk.add(32 * 32).cast::<__m256i>();
+            panel_blocks(&Q4_K_PANEL, p.panel, p.kb, |b, blk, sm| {
                 let mut isum = [_mm256_setzero_si256(); NT];
                 for g in 0..QK_K / 64 {
                     // Sub-block 2g (low nibbles), then 2g + 1 (high): the 8 vectors' pair
@@ -1155,33 +1244,31 @@ unsafe fn panel_q4_k_nt<const NT: usize>(p: &Panel<BlockQ4_K>) {
                                 s16[j] = _mm256_add_epi16(s16[j], _mm256_maddubs_epi16(q, a));
                             }
                         }
-                        let sc = _mm256_load_si256(scales.add(2 * g + h));
+                        let sc = widen_pairs(sm.add(8 * (2 * g + h)), ctrl);
                         for j in 0..NT {
                             isum[j] = _mm256_add_epi32(isum[j], _mm256_madd_epi16(s16[j], sc));
                         }
                     }
                 }
-                let f = blk.add(48 * 32).cast::<f32>();
-                let (dw, dmin) = (_mm256_load_ps(f), _mm256_load_ps(f.add(8)));
-                for j in 0..NT {
-                    let a = &*ap[j].add(b);
-                    // Σ_s min_s · (bsums[2s] + bsums[2s+1]), per row.
-                    let mut msum = _mm256_setzero_si256();
-                    for s in 0..8 {
-                        let bs = _mm256_set1_epi32(
-                            a.bsums.as_ptr().add(2 * s).cast::<i32>().read_unaligned(),
-                        );
-                        msum = _mm256_add_epi32(
-                            msum,
-                            _mm256_madd_epi16(bs, _mm256_load_si256(scales.add(8 + s))),
-                        );
+                // Σ_s min_s · (bsums[2s] + bsums[2s+1]), per row and token.
+                let mut msum = [_mm256_setzero_si256(); NT];
+                for s in 0..8 {
+                    let mins = widen_pairs(sm.add(64 + 8 * s), ctrl);
+                    for j in 0..NT {
+                        let bs = (*ap[j].add(b)).bsums.as_ptr().add(2 * s);
+                        let bs = _mm256_set1_epi32(bs.cast::<i32>().read_unaligned());
+                        msum[j] = _mm256_add_epi32(msum[j], _mm256_madd_epi16(bs, mins));
                     }
-                    let ad = _mm256_set1_ps(a.d);
+                }
+                let (dw, dmin) = (load_f16x8(sm.add(128)), load_f16x8(sm.add(128 + F16_ROWS)));
+                for j in 0..NT {
+                    let ad = _mm256_set1_ps((*ap[j].add(b)).d);
                     let v =
                         _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[j]), _mm256_mul_ps(dw, ad), acc[j]);
-                    acc[j] = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(msum), _mm256_mul_ps(dmin, ad), v);
+                    acc[j] =
+                        _mm256_fnmadd_ps(_mm256_cvtepi32_ps(msum[j]), _mm256_mul_ps(dmin, ad), v);
                 }
-            }
+            });
             acc
         })
     }

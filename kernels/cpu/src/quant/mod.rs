@@ -151,7 +151,9 @@ pub(crate) struct GemvKernels<W: WeightBlock> {
 /// Weight rows of one packed panel (one f32 / i32 lane per row).
 pub(crate) const PANEL_ROWS: usize = 8;
 
-/// A packed panel of up to [`PANEL_ROWS`] weight rows against a run of tokens.
+/// A packed panel of up to [`PANEL_ROWS`] weight rows against a run of tokens (only the
+/// x86-64 tables have panel kernels that read it).
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 pub(crate) struct Panel<W: WeightBlock> {
     /// Blocks per row (the whole reduction).
     pub kb: usize,
@@ -171,6 +173,7 @@ pub(crate) struct Panel<W: WeightBlock> {
     pub ldc: usize,
 }
 
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 impl<W: WeightBlock> Panel<W> {
     /// The panel against its first `tokens` tokens (`tokens <= self.tokens`).
     pub(crate) fn first(&self, tokens: usize) -> Panel<W> {
@@ -688,9 +691,10 @@ struct Line([u8; 64]);
 /// per chunk of tokens. `PackedWeights` does that interleaving once, when a model is loaded,
 /// so that every later call, and a one-token decode step in particular, runs the panel
 /// kernel straight from the packed panels: per block, one scale conversion and one FMA serve
-/// 8 rows, and there are no horizontal sums. The packed form takes a little more memory than
-/// the blocks (AVX2: 36 instead of 34 bytes per Q8_0 block and row, 20 instead of 18 for
-/// Q4_0, 200 instead of 144 for Q4_K: its 6-bit scales and mins are stored widened).
+/// 8 rows, and there are no horizontal sums. The packed form takes about the memory of the
+/// blocks (AVX2: the same 34 bytes per Q8_0 block and row and 18 for Q4_0, 148 instead of
+/// 144 for Q4_K, whose 6-bit scales and mins are stored as bytes; each panel rounded up to a
+/// 64-byte line), so a decode step over packed weights reads no more than over the blocks.
 ///
 /// On an ISA without a panel path (scalar, NEON, AVX-512) it keeps a copy of the blocks and
 /// [`matmul_packed`] runs [`matmul`]'s kernels on them ([`PackedWeights::is_repacked`] says
