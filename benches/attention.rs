@@ -49,7 +49,8 @@ fn configure(group: &mut BenchmarkGroup<'_, WallTime>, secs: f64) {
 }
 
 fn bench_prefill(cr: &mut Criterion) {
-    let isa = Isa::detect();
+    // Each kernel family's preferred instruction set.
+    let isa: Option<Isa> = None;
     let pools: Vec<_> = THREADS.iter().map(|&t| (t, pool(t))).collect();
     for (seq, reference) in [(64, true), (512, false)] {
         for causal in [true, false] {
@@ -132,7 +133,8 @@ fn bench_prefill(cr: &mut Criterion) {
 }
 
 fn bench_decode(cr: &mut Criterion) {
-    let isa = Isa::detect();
+    // Each kernel family's preferred instruction set.
+    let isa: Option<Isa> = None;
     let pools: Vec<_> = THREADS.iter().map(|&t| (t, pool(t))).collect();
     let l3 = CacheInfo::detect().l3;
     let shape = DecodeShape {

@@ -17,28 +17,32 @@ use tessera_cpu::ops::{self, OpsOptions};
 use tessera_cpu::quant::{PackedWeights, QuantOptions, matmul_packed_with};
 use tessera_cpu::{Isa, Parallelism};
 
-/// The CPU backend: an instruction set (the best one by default) and a thread count.
+/// The CPU backend: an instruction set and a thread count. By default every kernel family
+/// runs on its own preferred instruction set ([`tessera_cpu::gemm::preferred_isa`],
+/// [`tessera_cpu::quant::preferred_isa`], [`Isa::detect`] for the others); [`Cpu::with_isa`]
+/// pins one for all of them.
 #[derive(Debug, Clone, Copy)]
 pub struct Cpu {
-    isa: Isa,
+    /// `None`: each family's own choice.
+    isa: Option<Isa>,
     par: Parallelism,
 }
 
 impl Default for Cpu {
     fn default() -> Self {
         Cpu {
-            isa: Isa::detect(),
+            isa: None,
             par: Parallelism::Auto,
         }
     }
 }
 
 impl Cpu {
-    /// The best instruction set of this CPU, `threads` threads (0: every thread of the rayon
-    /// pool).
+    /// Each family's preferred instruction set, `threads` threads (0: every thread of the
+    /// rayon pool).
     pub fn new(threads: usize) -> Cpu {
         Cpu {
-            isa: Isa::detect(),
+            isa: None,
             par: match threads {
                 0 => Parallelism::Auto,
                 1 => Parallelism::Sequential,
@@ -47,20 +51,25 @@ impl Cpu {
         }
     }
 
-    /// The same backend on instruction set `isa` (an error if this CPU lacks it).
+    /// The same backend with every kernel on instruction set `isa` (an error if this CPU
+    /// lacks it).
     pub fn with_isa(self, isa: Isa) -> Result<Cpu> {
         isa.check()?;
-        Ok(Cpu { isa, ..self })
+        Ok(Cpu {
+            isa: Some(isa),
+            ..self
+        })
     }
 
-    /// The instruction set the kernels run on.
-    pub fn isa(&self) -> Isa {
+    /// The instruction set pinned by [`Cpu::with_isa`], or `None` when each kernel family
+    /// runs on its own preferred one.
+    pub fn isa(&self) -> Option<Isa> {
         self.isa
     }
 
     fn ops(&self) -> OpsOptions {
         OpsOptions {
-            isa: Some(self.isa),
+            isa: self.isa,
             parallelism: self.par,
         }
     }
@@ -144,7 +153,7 @@ fn matmul_float<B: Element>(
     out: MatMut<'_, f32>,
 ) -> Result<()> {
     let opts = GemmOptions {
-        isa: Some(cpu.isa),
+        isa: cpu.isa,
         parallelism: cpu.par,
         blocking: None,
     };
@@ -173,7 +182,7 @@ fn matmul_quant<W: WeightBlock>(
 impl Cpu {
     fn quant_options(&self) -> QuantOptions {
         QuantOptions {
-            isa: Some(self.isa),
+            isa: self.isa,
             parallelism: self.par,
         }
     }
@@ -202,7 +211,16 @@ impl Backend for Cpu {
     type KvCache = KvCache;
 
     fn name(&self) -> String {
-        format!("cpu ({}, {} threads)", self.isa.name(), self.par.threads())
+        let isa = match self.isa {
+            Some(isa) => isa.name().to_string(),
+            None => format!(
+                "gemm {}, quant {}, others {}",
+                tessera_cpu::gemm::preferred_isa(),
+                tessera_cpu::quant::preferred_isa(),
+                Isa::detect()
+            ),
+        };
+        format!("cpu ({isa}, {} threads)", self.par.threads())
     }
 
     fn zeros(&self, rows: usize, cols: usize) -> Result<CpuTensor> {
@@ -408,7 +426,7 @@ impl Backend for Cpu {
         }
         // The mean is a [1, len] · [len, d] product with weights 1/len: one GEMV per sequence.
         let opts = GemmOptions {
-            isa: Some(self.isa),
+            isa: self.isa,
             parallelism: self.par,
             blocking: None,
         };
@@ -440,7 +458,7 @@ impl Backend for Cpu {
     ) -> Result<()> {
         check_attention_out(shape, out)?;
         let opts = AttentionOptions {
-            isa: Some(self.isa),
+            isa: self.isa,
             parallelism: self.par,
         };
         let layout = HeadLayout::bshd(shape.q_len, shape.n_heads, shape.head_dim);
@@ -488,7 +506,7 @@ impl Backend for Cpu {
         let d = cache.config().head_dim;
         check_decode_out(seqs.len(), n_heads, d, out)?;
         let opts = DecodeOptions {
-            isa: Some(self.isa),
+            isa: self.isa,
             parallelism: self.par,
         };
         let layout = HeadLayout::bshd(1, n_heads, d);

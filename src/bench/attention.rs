@@ -251,7 +251,7 @@ pub fn fused_attention(
     x: &PrefillInputs,
     causal: bool,
     out: &mut [f32],
-    isa: Isa,
+    isa: Option<Isa>,
     threads: usize,
 ) -> tessera_core::Result<()> {
     let s = x.shape;
@@ -261,7 +261,7 @@ pub fn fused_attention(
         params = params.causal(0);
     }
     let opts = AttentionOptions {
-        isa: Some(isa),
+        isa,
         parallelism: par(threads),
     };
     attention_with(
@@ -284,7 +284,7 @@ pub fn unfused_attention(
     causal: bool,
     out: &mut [f32],
     s: &mut Vec<f32>,
-    isa: Isa,
+    isa: Option<Isa>,
     threads: usize,
 ) -> tessera_core::Result<()> {
     let PrefillShape {
@@ -304,7 +304,7 @@ pub fn unfused_attention(
     }
     let s = &mut s[..seq * seq];
     let opts = GemmOptions {
-        isa: Some(isa),
+        isa,
         parallelism: par(threads),
         blocking: None,
     };
@@ -604,7 +604,7 @@ fn run_prefill(
     };
     Ok(Row::new(
         id,
-        isa.name(),
+        isa.unwrap_or_else(Isa::detect).name(),
         prefill_work(x.shape, causal),
         t.median,
         t.reps,
@@ -651,7 +651,7 @@ pub fn peak_memory(
     causal: bool,
     out: &mut [f32],
     want: &mut [f32],
-    isa: Isa,
+    isa: Option<Isa>,
     threads: usize,
 ) -> Result<(Option<usize>, Option<usize>)> {
     let (r, fused) =
@@ -695,7 +695,7 @@ fn run_memory(id: &CaseId, shape: PrefillShape, ctx: &Ctx<'_>) -> Result<Row> {
     );
     let mut row = Row::new(
         id,
-        isa.name(),
+        isa.unwrap_or_else(Isa::detect).name(),
         prefill_work(shape, true),
         t.median,
         t.reps,
@@ -910,11 +910,11 @@ pub fn fused_decode(
     x: &DecodeInputs,
     seq: SeqId,
     out: &mut [f32],
-    isa: Isa,
+    isa: Option<Isa>,
     threads: usize,
 ) -> tessera_core::Result<()> {
     let opts = DecodeOptions {
-        isa: Some(isa),
+        isa,
         parallelism: par(threads),
     };
     let l = x.shape.q_layout();
@@ -945,7 +945,7 @@ pub fn unfused_decode(
     seq: SeqId,
     out: &mut [f32],
     scratch: &mut DecodeScratch,
-    isa: Isa,
+    isa: Option<Isa>,
     threads: usize,
 ) -> tessera_core::Result<()> {
     let DecodeShape {
@@ -963,7 +963,7 @@ pub fn unfused_decode(
         return Ok(());
     }
     let opts = GemmOptions {
-        isa: Some(isa),
+        isa,
         parallelism: par(threads),
         blocking: None,
     };
@@ -1025,7 +1025,7 @@ fn run_decode(id: &CaseId, x: &DecodeInputs, dtype: KvDType, ctx: &Ctx<'_>) -> R
     );
     let mut row = Row::new(
         id,
-        isa.name(),
+        isa.unwrap_or_else(Isa::detect).name(),
         decode_work(x.shape, dtype),
         t.median,
         t.reps,
@@ -1128,7 +1128,7 @@ mod tests {
             threads,
             quick,
             filters: vec![],
-            isa: Isa::detect(),
+            isa: None,
             timing: TimingConfig {
                 warmup: 0,
                 min_time: Duration::ZERO,
@@ -1289,11 +1289,10 @@ mod tests {
                 pool.install(|| {
                     let mut out = vec![f32::NAN; n];
                     let mut s = Vec::new();
-                    unfused_attention(&x, causal, &mut out, &mut s, Isa::detect(), threads)
-                        .unwrap();
+                    unfused_attention(&x, causal, &mut out, &mut s, None, threads).unwrap();
                     check_close(&out, &want, 1.0, 1e-5).unwrap();
                     out.fill(f32::NAN);
-                    fused_attention(&x, causal, &mut out, Isa::detect(), threads).unwrap();
+                    fused_attention(&x, causal, &mut out, None, threads).unwrap();
                     check_close(&out, &want, 1.0, 1e-5).unwrap();
                     let c = CandleAttention::new(&x, causal, threads).unwrap();
                     out.fill(f32::NAN);
@@ -1322,9 +1321,9 @@ mod tests {
                 assert_eq!(x.seqs.len(), 3);
                 let mut a = vec![f32::NAN; 160];
                 let mut b = vec![f32::NAN; 160];
-                fused_decode(&x, x.seq(2), &mut a, Isa::detect(), 1).unwrap();
+                fused_decode(&x, x.seq(2), &mut a, None, 1).unwrap();
                 let mut sc = DecodeScratch::default();
-                unfused_decode(&x, x.seq(2), &mut b, &mut sc, Isa::detect(), 1).unwrap();
+                unfused_decode(&x, x.seq(2), &mut b, &mut sc, None, 1).unwrap();
                 check_close(&a, &b, 1.0, 1e-5).unwrap();
             }
         }
@@ -1373,8 +1372,7 @@ mod tests {
         let x = PrefillInputs::new(shape);
         let mut out = vec![0f32; shape.elems()];
         let mut want = vec![0f32; shape.elems()];
-        let (fused, unfused) =
-            peak_memory(&x, true, &mut out, &mut want, Isa::detect(), 1).unwrap();
+        let (fused, unfused) = peak_memory(&x, true, &mut out, &mut want, None, 1).unwrap();
         // The unfused path holds at least one head's 512 x 512 scores (other tests may
         // allocate meanwhile, so only lower bounds hold).
         assert!(unfused.unwrap() >= 512 * 512 * 4, "{unfused:?}");

@@ -132,7 +132,10 @@ fn run_case<B: Element>(
 ) -> Result<Row> {
     let GemmShape { m, n, k } = shape;
     let threads = id.threads;
-    let isa = ctx.config.isa;
+    let isa = ctx
+        .config
+        .isa
+        .unwrap_or_else(tessera_cpu::gemm::preferred_isa);
     let a = random_f32(m * k, 0x5EED_0001);
     let b: Vec<B> = random_f32(n * k, 0x5EED_0002)
         .into_iter()
@@ -416,7 +419,7 @@ mod tests {
             threads: vec![1, 2],
             quick: false,
             filters: vec![],
-            isa: tessera_cpu::Isa::detect(),
+            isa: None,
             timing: super::super::TimingConfig::QUICK,
         };
         let ids: Vec<String> = cases(&cfg).iter().map(|c| c.id.name()).collect();
@@ -433,7 +436,7 @@ mod tests {
             threads: vec![2],
             quick: true,
             filters: vec![],
-            isa: tessera_cpu::Isa::detect(),
+            isa: None,
             timing: super::super::TimingConfig {
                 warmup: 0,
                 min_time: std::time::Duration::ZERO,

@@ -112,8 +112,10 @@ pub struct Config {
     pub quick: bool,
     /// A case runs if its [`CaseId::name`] contains any of these (all run when empty).
     pub filters: Vec<String>,
-    /// Tessera's instruction set.
-    pub isa: Isa,
+    /// Tessera's instruction set; `None`: each kernel family's preferred one
+    /// ([`tessera_cpu::gemm::preferred_isa`], [`tessera_cpu::quant::preferred_isa`],
+    /// [`Isa::detect`] for attention and the models' other kernels).
+    pub isa: Option<Isa>,
     /// Timing of each kernel.
     pub timing: TimingConfig,
 }
@@ -179,7 +181,15 @@ pub fn run(cfg: &Config, families: &[&'static Family]) -> Result<Outcome> {
     println!(
         "tessera bench: {} cases, tessera ISA {}, threads {:?}, caches L1d {} KiB / L2 {} KiB / L3 {} MiB{}",
         cases.len(),
-        cfg.isa,
+        match cfg.isa {
+            Some(isa) => isa.to_string(),
+            None => format!(
+                "{} (gemm {}, quant {})",
+                Isa::detect(),
+                tessera_cpu::gemm::preferred_isa(),
+                tessera_cpu::quant::preferred_isa()
+            ),
+        },
         cfg.threads,
         cache.l1d >> 10,
         cache.l2 >> 10,
@@ -298,7 +308,7 @@ mod tests {
             threads: vec![1, 2],
             quick: false,
             filters: filters.iter().map(|s| s.to_string()).collect(),
-            isa: Isa::detect(),
+            isa: None,
             timing: TimingConfig::QUICK,
         }
     }

@@ -920,9 +920,12 @@ impl Suite {
 type Shared<M> = Arc<OnceLock<std::result::Result<M, BenchError>>>;
 
 fn backend(threads: usize, ctx: &Ctx<'_>) -> Result<Cpu> {
-    Cpu::new(threads)
-        .with_isa(ctx.config.isa)
-        .map_err(|e| BenchError(e.to_string()))
+    match ctx.config.isa {
+        Some(isa) => Cpu::new(threads)
+            .with_isa(isa)
+            .map_err(|e| BenchError(e.to_string())),
+        None => Ok(Cpu::new(threads)),
+    }
 }
 
 pub(super) fn model_err(e: crate::Error) -> BenchError {
@@ -998,7 +1001,10 @@ fn finish_row(
     });
     let mut row = Row::new(
         id,
-        ctx.config.isa.name(),
+        ctx.config
+            .isa
+            .unwrap_or_else(tessera_cpu::Isa::detect)
+            .name(),
         work,
         seconds,
         stats.reps,
@@ -1314,7 +1320,6 @@ pub fn cases(cfg: &Config) -> Vec<Case> {
 pub(crate) mod tests {
     use super::*;
     use crate::bench::calibrate::tests_support::fixed;
-    use tessera_cpu::Isa;
 
     /// A 2-layer GPT-2 of width 64 (the GPU family's host test uses it too).
     pub(crate) const TINY_GPT2: Gpt2Spec = Gpt2Spec {
@@ -1355,7 +1360,7 @@ pub(crate) mod tests {
             threads,
             quick,
             filters: vec![],
-            isa: Isa::detect(),
+            isa: None,
             timing: TimingConfig {
                 warmup: 0,
                 min_time: Duration::ZERO,

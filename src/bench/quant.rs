@@ -482,7 +482,10 @@ fn run_case<W: BenchBlock>(
     let shape = w.shape;
     let GemmShape { m, n, k } = shape;
     let threads = id.threads;
-    let isa = quant_isa(ctx.config.isa);
+    let isa = ctx
+        .config
+        .isa
+        .map_or_else(tessera_cpu::quant::preferred_isa, quant_isa);
     let opts = QuantOptions {
         isa: Some(isa),
         parallelism: par(threads),
@@ -511,7 +514,10 @@ fn run_case<W: BenchBlock>(
     let (t, p, peer_name) = match peer {
         Peer::DeqGemm => {
             let mut wf = vec![0f32; n * k];
-            let gemm_isa = ctx.config.isa;
+            let gemm_isa = ctx
+                .config
+                .isa
+                .unwrap_or_else(tessera_cpu::gemm::preferred_isa);
             deq_gemm(
                 shape,
                 &w.a,
@@ -752,7 +758,7 @@ mod tests {
             threads,
             quick,
             filters: vec![],
-            isa: Isa::detect(),
+            isa: None,
             timing: TimingConfig::QUICK,
         }
     }
@@ -834,7 +840,7 @@ mod tests {
             threads: vec![threads],
             quick: true,
             filters: vec![],
-            isa: Isa::detect(),
+            isa: None,
             timing: TimingConfig {
                 warmup: 0,
                 min_time: std::time::Duration::ZERO,

@@ -64,6 +64,34 @@ impl Isa {
         })
     }
 
+    /// Whether this CPU runs 512-bit FMAs as two 256-bit halves, so that an AVX-512 kernel
+    /// has no more FMA throughput than an AVX2 one: AMD Zen 4 (family 19h with AVX-512F; Zen 3
+    /// shares the family but has no AVX-512). Detected once (CPUID) and cached; `false`
+    /// elsewhere, and off x86-64.
+    pub fn avx512_is_double_pumped() -> bool {
+        static PUMPED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *PUMPED.get_or_init(|| {
+            #[cfg(target_arch = "x86_64")]
+            {
+                use std::arch::x86_64::__cpuid;
+                let v = __cpuid(0);
+                let amd = (v.ebx, v.edx, v.ecx) == (0x6874_7541, 0x6974_6e65, 0x444d_4163);
+                let eax = __cpuid(1).eax;
+                let base = (eax >> 8) & 0xf;
+                let family = if base == 0xf {
+                    base + ((eax >> 20) & 0xff)
+                } else {
+                    base
+                };
+                amd && family == 0x19 && Isa::Avx512.is_available()
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            {
+                false
+            }
+        })
+    }
+
     /// `Ok(self)` if available, else [`Error::IsaUnavailable`].
     pub fn check(self) -> Result<Isa> {
         if self.is_available() {
@@ -99,6 +127,23 @@ mod tests {
         assert!(Isa::detect().is_available());
         assert!(Isa::available().contains(&Isa::Scalar));
         assert!(Isa::available().contains(&Isa::detect()));
+    }
+
+    #[test]
+    fn families_prefer_an_available_isa() {
+        // Double-pumped AVX-512 is only reported where AVX-512 exists.
+        assert!(!Isa::avx512_is_double_pumped() || Isa::Avx512.is_available());
+        let g = crate::gemm::preferred_isa();
+        assert!(g.is_available());
+        let want = if Isa::avx512_is_double_pumped() {
+            Isa::Avx2
+        } else {
+            Isa::detect()
+        };
+        assert_eq!(g, want);
+        let q = crate::quant::preferred_isa();
+        assert!(crate::quant::is_available(q));
+        assert!(q == Isa::detect() || !crate::quant::is_available(Isa::detect()));
     }
 
     #[test]

@@ -61,10 +61,24 @@ pub use tessera_core::quant::{
 /// Every knob of a quantized matmul.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct QuantOptions {
-    /// Instruction set; `None` picks [`Isa::detect`].
+    /// Instruction set; `None` picks [`preferred_isa`].
     pub isa: Option<Isa>,
     /// Threads to split the work for.
     pub parallelism: Parallelism,
+}
+
+/// The instruction set the quant kernels run on when none is named: [`Isa::detect`] where
+/// its quant kernels can run, else the next best that can: an AVX-512 CPU without AVX-512
+/// BW and VNNI (Skylake-SP) takes the AVX2 kernels.
+pub fn preferred_isa() -> Isa {
+    let best = Isa::detect();
+    if is_available(best) {
+        best
+    } else if best == Isa::Avx512 && is_available(Isa::Avx2) {
+        Isa::Avx2
+    } else {
+        Isa::Scalar
+    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -338,9 +352,9 @@ macro_rules! with_format {
 // Activation quantization.
 
 /// Quantizes `x` into activation blocks (`A` = [`BlockQ8_0`] or [`BlockQ8_K`]) with the best
-/// ISA; the bytes are exactly those of [`tessera_core::quant::quantize`].
+/// ISA ([`preferred_isa`]); the bytes are exactly those of [`tessera_core::quant::quantize`].
 pub fn quantize_act<A: QuantBlock>(x: &[f32], out: &mut [A]) -> Result<()> {
-    quantize_act_with_isa(Isa::detect(), x, out)
+    quantize_act_with_isa(preferred_isa(), x, out)
 }
 
 /// [`quantize_act`] with an explicit instruction set.
@@ -373,12 +387,12 @@ pub fn quantize_act_with_isa<A: QuantBlock>(isa: Isa, x: &[f32], out: &mut [A]) 
 // Dot product.
 
 /// The dot product of a row of weight blocks with a row of activation blocks (as produced by
-/// [`quantize_act`]), with the best ISA.
+/// [`quantize_act`]), with the best ISA ([`preferred_isa`]).
 ///
 /// Errors when the lengths differ, or for Q8_0 weights when an activation quant is −128
 /// (outside the ±127 range the quantizers produce, which the Q8_0 kernels rely on).
 pub fn dot<W: WeightBlock>(w: &[W], a: &[W::Act]) -> Result<f32> {
-    dot_with_isa(Isa::detect(), w, a)
+    dot_with_isa(preferred_isa(), w, a)
 }
 
 /// [`dot`] with an explicit instruction set.
@@ -481,7 +495,7 @@ pub fn matmul_with<W: WeightBlock>(
     n: usize,
     c: MatMut<'_, f32>,
 ) -> Result<()> {
-    let t = table(opts.isa.unwrap_or_else(Isa::detect))?;
+    let t = table(opts.isa.unwrap_or_else(preferred_isa))?;
     let (m, k) = (a.rows, a.cols);
     check_matrix("A", m, k, a.ld, a.data.len())?;
     let kb = tessera_core::quant::blocks_per_row(W::FORMAT, k)?;
@@ -738,7 +752,7 @@ impl<W: WeightBlock> PackedWeights<W> {
     /// [`PackedWeights::new`] for an explicit ISA and thread count
     /// ([`Error::IsaUnavailable`] if this CPU lacks the ISA).
     pub fn with_options(opts: &QuantOptions, w: &[W], n: usize, k: usize) -> Result<Self> {
-        let isa = opts.isa.unwrap_or_else(Isa::detect);
+        let isa = opts.isa.unwrap_or_else(preferred_isa);
         let t = table(isa)?;
         let kb = tessera_core::quant::blocks_per_row(W::FORMAT, k)?;
         check_len(
