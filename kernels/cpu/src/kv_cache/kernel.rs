@@ -39,7 +39,7 @@ pub const PARTITION: usize = 2048;
 const _: () = assert!(PARTITION.is_multiple_of(CHUNK) && CHUNK.is_multiple_of(16));
 
 /// Keys whose dot products a score tile steps through together (see [`dots`]).
-const KGROUP: usize = 8;
+const KGROUP: usize = 2;
 
 /// Rounds up to a whole cache line of floats.
 const fn line(n: usize) -> usize {
@@ -423,11 +423,13 @@ unsafe fn dots<S: Simd, B: Element, const HT: usize, const KT: usize>(
     // SAFETY: every row holds `d` readable elements (caller contract).
     unsafe {
         // Groups of up to KGROUP keys, each group's rows front to back together: one FMA
-        // chain per (query, key) of the group, so the chains are independent. Key after key
-        // (one chain at a time, bound by the FMA latency) measured 1.2–1.4x slower from L3
-        // at head_dim 128 with f16 rows, and no faster from memory. The order of the FMAs
-        // into each accumulator is the same either way (c ascending), so is the result. The
-        // HT query vectors of a step come from L1.
+        // chain per (query, key) of the group, so the chains are independent. The order of
+        // the FMAs into each accumulator is the same for any group size (c ascending), so is
+        // the result. Two keys at a time: reading 8 rows side by side (8 streams a row apart)
+        // measured 1.5-1.7x slower from memory on Zen 4 (16384 f16 keys of 128, AVX2 and
+        // AVX-512, contiguous and paged) than 2 rows, while one row at a time is no faster
+        // than 2 and leaves a single FMA chain per query for cached keys. The HT query
+        // vectors of a step come from L1.
         let mut acc = [S::zero(); 16];
         let kg = if KT >= KGROUP { KGROUP } else { KT };
         let mut t0 = 0;
