@@ -26,7 +26,7 @@ use std::hint::black_box;
 use std::time::Duration;
 use tessera::bench::gemm::{GemmShape, compare};
 use tessera::bench::quant::{
-    BenchBlock, CandlePeer, Weights, deq_gemm, quant_isa, rotation_copies, spot_check_dequantized,
+    BenchBlock, CandlePeer, Weights, deq_gemm, rotation_copies, spot_check_dequantized,
     spot_check_reference,
 };
 use tessera_core::quant::{BlockQ4_0, BlockQ4_K, BlockQ8_0};
@@ -89,7 +89,7 @@ fn configure(group: &mut BenchmarkGroup<'_, WallTime>, s: GemmShape) {
 }
 
 fn bench_format<W: BenchBlock>(cr: &mut Criterion, candle_threads: usize) {
-    let isa = quant_isa(Isa::detect());
+    let isa = tessera_cpu::quant::preferred_isa();
     let pools: Vec<_> = THREADS.iter().map(|&t| (t, pool(t))).collect();
     let l3 = CacheInfo::detect().l3;
     for case in cases() {

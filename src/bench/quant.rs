@@ -184,19 +184,6 @@ pub fn rotation_copies(shape: GemmShape, format: QuantFormat, l3: usize) -> usiz
         .clamp(1, 32)
 }
 
-/// The quant ISA for the harness's ISA: the same when the quant kernels have it, else AVX2
-/// for an AVX-512 machine without the AVX-512 BW/VNNI the quant kernels need, else scalar.
-pub fn quant_isa(isa: Isa) -> Isa {
-    use tessera_cpu::quant::is_available;
-    if is_available(isa) {
-        isa
-    } else if isa == Isa::Avx512 && is_available(Isa::Avx2) {
-        Isa::Avx2
-    } else {
-        Isa::Scalar
-    }
-}
-
 fn par(threads: usize) -> Parallelism {
     if threads > 1 {
         Parallelism::Threads(threads)
@@ -482,10 +469,10 @@ fn run_case<W: BenchBlock>(
     let shape = w.shape;
     let GemmShape { m, n, k } = shape;
     let threads = id.threads;
-    let isa = ctx
-        .config
-        .isa
-        .map_or_else(tessera_cpu::quant::preferred_isa, quant_isa);
+    let isa = ctx.config.isa.map_or_else(
+        tessera_cpu::quant::preferred_isa,
+        tessera_cpu::quant::usable_isa,
+    );
     let opts = QuantOptions {
         isa: Some(isa),
         parallelism: par(threads),
@@ -831,8 +818,9 @@ mod tests {
 
     #[test]
     fn quant_isa_falls_back() {
-        assert!(tessera_cpu::quant::is_available(quant_isa(Isa::detect())));
-        assert_eq!(quant_isa(Isa::Scalar), Isa::Scalar);
+        use tessera_cpu::quant::{is_available, usable_isa};
+        assert!(is_available(usable_isa(Isa::detect())));
+        assert_eq!(usable_isa(Isa::Scalar), Isa::Scalar);
     }
 
     fn run_small<W: BenchBlock>(peer: Peer, threads: usize, parts: usize) -> Row {

@@ -67,14 +67,19 @@ pub struct QuantOptions {
     pub parallelism: Parallelism,
 }
 
-/// The instruction set the quant kernels run on when none is named: [`Isa::detect`] where
-/// its quant kernels can run, else the next best that can: an AVX-512 CPU without AVX-512
-/// BW and VNNI (Skylake-SP) takes the AVX2 kernels.
+/// The instruction set the quant kernels run on when none is named:
+/// [`usable_isa`]`(`[`Isa::detect`]`())`.
 pub fn preferred_isa() -> Isa {
-    let best = Isa::detect();
-    if is_available(best) {
-        best
-    } else if best == Isa::Avx512 && is_available(Isa::Avx2) {
+    usable_isa(Isa::detect())
+}
+
+/// The quant kernels' instruction set for `isa`: `isa` itself where its quant kernels can run,
+/// else the next best that can: an AVX-512 CPU without AVX-512 BW and VNNI (Skylake-SP) takes
+/// the AVX2 kernels, anything else scalar.
+pub fn usable_isa(isa: Isa) -> Isa {
+    if is_available(isa) {
+        isa
+    } else if isa == Isa::Avx512 && is_available(Isa::Avx2) {
         Isa::Avx2
     } else {
         Isa::Scalar
