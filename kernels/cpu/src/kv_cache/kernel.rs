@@ -8,11 +8,11 @@
 //! on how heads are grouped into tasks. Per chunk, and per key/value head in turn:
 //!
 //! 1. the chunk's K/V row addresses are computed from the page table (one division per
-//!    chunk, not per key), and for Q8_0 the chunk's rows are dequantized into a scratch
-//!    buffer (`q·d` is exact in f32);
+//!    page, not per key); rows are read straight from the store, f16 widened and Q8_0
+//!    dequantized (`q·d`, exact in f32) a vector at a time as they are loaded ([`Row`]);
 //! 2. scores: register tiles of (query heads × keys) with `LANES` accumulators — 4×4, 2×8,
 //!    1×16 for 16 lanes, 4×2, 2×4, 1×8 otherwise — the tile's key rows read front to back
-//!    together, up to 8 at a time, each once per tile (the queries' vectors from L1), then
+//!    together, 2 at a time, each once per tile (the queries' vectors from L1), then
 //!    reduced together by [`Simd::reduce_sums`];
 //! 3. per query head: the chunk's maximum, `p = exp(s − m)` vectorized over the chunk, and
 //!    the online-softmax rescale of the running sum `l` and the output accumulator `o` when
@@ -46,12 +46,10 @@ const fn line(n: usize) -> usize {
     n.div_ceil(16) * 16
 }
 
-/// Floats of per-task scratch: per key/value head of the task its output accumulators and
-/// `m`, `l` and the chunk's scores; shared by them (Q8_0) the chunk's dequantized K and V
-/// rows.
+/// Floats of per-task scratch: per key/value head of the task its output accumulators,
+/// `m`, `l` and the chunk's scores.
 pub(crate) fn scratch_len(group: usize, head_dim: usize, kv_heads: usize) -> usize {
-    let dpad = head_dim.div_ceil(QK) * QK;
-    kv_heads * (line(group * head_dim) + line(2 * group) + group * CHUNK) + 2 * CHUNK * dpad
+    kv_heads * (line(group * head_dim) + line(2 * group) + group * CHUNK)
 }
 
 /// `e^x` of one float with the vector `exp` (all lanes equal, so the maximum is it).
@@ -103,9 +101,9 @@ pub(crate) unsafe fn task<S: Simd>(a: &TaskArgs<'_>) {
     // SAFETY: forwarded contract; the store's element type is the one `dtype` names.
     unsafe {
         match a.dtype {
-            KvDType::F32 => run::<S, f32, false>(a),
-            KvDType::F16 => run::<S, f16, false>(a),
-            KvDType::Q8_0 => run::<S, f32, true>(a),
+            KvDType::F32 => run::<S, Plain<f32>>(a),
+            KvDType::F16 => run::<S, Plain<f16>>(a),
+            KvDType::Q8_0 => run::<S, Q8Row>(a),
         }
     }
 }
@@ -119,13 +117,11 @@ struct HeadState {
     l: *mut f32,
 }
 
-/// [`task`] for storage element `B` read directly, or (`Q8`) Q8_0 blocks dequantized per
-/// chunk into f32 scratch (`B = f32`).
+/// [`task`] for rows of kind `R` (f32, f16 or Q8_0), read directly from the store.
 #[inline(always)]
-unsafe fn run<S: Simd, B: Element, const Q8: bool>(a: &TaskArgs<'_>) {
+unsafe fn run<S: Simd, R: Row>(a: &TaskArgs<'_>) {
     let d = a.head_dim;
     let g = a.group;
-    let dpad = d.div_ceil(QK) * QK;
     // SAFETY: every pointer below stays inside the regions the contract of `task` grants:
     // scratch offsets add up to `scratch_len`, rows come from `row_offsets` over keys < len,
     // query/output rows are `head_dim` floats at the documented strides.
@@ -136,8 +132,6 @@ unsafe fn run<S: Simd, B: Element, const Q8: bool>(a: &TaskArgs<'_>) {
             HeadState { o, m, l: m.add(g) }
         };
         let s = a.scratch.add(a.kv_heads * (line(g * d) + line(2 * g)));
-        let kb = s.add(a.kv_heads * g * CHUNK);
-        let vb = kb.add(CHUNK * dpad);
         for j in 0..a.kv_heads {
             let st = state(j);
             for i in 0..g {
@@ -147,42 +141,40 @@ unsafe fn run<S: Simd, B: Element, const Q8: bool>(a: &TaskArgs<'_>) {
             std::slice::from_raw_parts_mut(st.o, g * d).fill(0.0);
         }
 
-        let mut kp = [std::ptr::null::<B>(); CHUNK];
-        let mut vp = [std::ptr::null::<B>(); CHUNK];
+        let mut kp = [R::NULL; CHUNK];
+        let mut vp = [R::NULL; CHUNK];
         let sj = |j: usize| s.add(j * g * CHUNK);
 
         // Keys are walked in spans of about a page, so that memory is read page by page
         // while each head still sees its chunks in key order (the arithmetic of a head does
         // not depend on the walk). Pages of at least a chunk: every head takes the span's
         // chunks in turn, K then V of each chunk (a head's rows of a page are one run).
-        // Smaller pages of f16 / f32 rows (a span is one chunk over several pages): every
+        // Smaller pages (a span is one chunk over several pages): every
         // head's K rows of the chunk, then every head's V rows, so that the pages' K halves
         // and then their V halves are read front to back instead of hopping between K and V
-        // every few rows (measured 1.2-2x faster at 16-token pages). Q8_0 keeps the per-head
-        // order: its K and V rows are dequantized together, the two streams' misses
-        // overlapping (dequantizing them apart measured 1.3x slower).
+        // every few rows (measured 1.2-2x faster at 16-token pages).
         let span = (a.page_tokens.div_ceil(CHUNK) * CHUNK).clamp(CHUNK, PARTITION);
         let mut s0 = a.k0;
         while s0 < a.k1 {
             let s1 = (s0 + span).min(a.k1);
-            if a.page_tokens < CHUNK && !Q8 {
+            if a.page_tokens < CHUNK {
                 let n = s1 - s0;
                 for j in 0..a.kv_heads {
-                    rows::<B, Q8, true, false>(a, j, s0, n, kb, vb, &mut kp, &mut vp);
-                    k_phase::<S, B>(a, state(j), sj(j), &kp, j, s0, n);
+                    rows::<R, true, false>(a, j, s0, n, &mut kp, &mut vp);
+                    k_phase::<S, R>(a, state(j), sj(j), &kp, j, s0, n);
                 }
                 for j in 0..a.kv_heads {
-                    rows::<B, Q8, false, true>(a, j, s0, n, kb, vb, &mut kp, &mut vp);
-                    v_phase::<S, B>(a, state(j), sj(j), &vp, n);
+                    rows::<R, false, true>(a, j, s0, n, &mut kp, &mut vp);
+                    v_phase::<S, R>(a, state(j), sj(j), &vp, n);
                 }
             } else {
                 for j in 0..a.kv_heads {
                     let mut c0 = s0;
                     while c0 < s1 {
                         let n = CHUNK.min(s1 - c0);
-                        rows::<B, Q8, true, true>(a, j, c0, n, kb, vb, &mut kp, &mut vp);
-                        k_phase::<S, B>(a, state(j), sj(j), &kp, j, c0, n);
-                        v_phase::<S, B>(a, state(j), sj(j), &vp, n);
+                        rows::<R, true, true>(a, j, c0, n, &mut kp, &mut vp);
+                        k_phase::<S, R>(a, state(j), sj(j), &kp, j, c0, n);
+                        v_phase::<S, R>(a, state(j), sj(j), &vp, n);
                         c0 += n;
                     }
                 }
@@ -215,49 +207,29 @@ unsafe fn run<S: Simd, B: Element, const Q8: bool>(a: &TaskArgs<'_>) {
     }
 }
 
-/// The row pointers of keys `c0 .. c0 + n` of key/value head `j` of a task: the K rows into
-/// `kp` (with `K`) and the V rows into `vp` (with `V`), Q8_0 rows dequantized into `kb` /
-/// `vb` (CHUNK rows of `dpad` floats each).
+/// The rows of keys `c0 .. c0 + n` of key/value head `j` of a task: the K rows into `kp`
+/// (with `K`) and the V rows into `vp` (with `V`).
 ///
 /// # Safety
-/// As for [`run`]: `c0 + n <= len`, `n <= CHUNK`, `kb` and `vb` the task's buffers in scratch.
-#[allow(clippy::too_many_arguments)]
+/// As for [`run`]: `c0 + n <= len`, `n <= CHUNK`.
 #[inline(always)]
-unsafe fn rows<B: Element, const Q8: bool, const K: bool, const V: bool>(
+unsafe fn rows<R: Row, const K: bool, const V: bool>(
     a: &TaskArgs<'_>,
     j: usize,
     c0: usize,
     n: usize,
-    kb: *mut f32,
-    vb: *mut f32,
-    kp: &mut [*const B; CHUNK],
-    vp: &mut [*const B; CHUNK],
+    kp: &mut [R; CHUNK],
+    vp: &mut [R; CHUNK],
 ) {
-    let d = a.head_dim;
-    let (dpad, nb) = (d.div_ceil(QK) * QK, d.div_ceil(QK));
-    // SAFETY: the offsets come from `row_offsets` over keys < len (inside the store); `t < n
-    // <= CHUNK` rows of `kb` / `vb` (caller contract).
+    // SAFETY: the offsets come from `row_offsets` over keys < len: rows inside the store.
     unsafe {
         let offs = row_offsets(a, a.head_off + j * a.head_elems, c0, n);
         for (t, &off) in offs[..n].iter().enumerate() {
-            let voff = off + a.v_off;
-            if Q8 {
-                let q8 = a.store.cast::<BlockQ8_0>();
-                if K {
-                    dequant_row(q8.add(off), nb, kb.add(t * dpad));
-                    kp[t] = kb.add(t * dpad).cast::<B>();
-                }
-                if V {
-                    dequant_row(q8.add(voff), nb, vb.add(t * dpad));
-                    vp[t] = vb.add(t * dpad).cast::<B>();
-                }
-            } else {
-                if K {
-                    kp[t] = a.store.cast::<B>().add(off);
-                }
-                if V {
-                    vp[t] = a.store.cast::<B>().add(voff);
-                }
+            if K {
+                kp[t] = R::at(a.store, off);
+            }
+            if V {
+                vp[t] = R::at(a.store, off + a.v_off);
             }
         }
     }
@@ -270,11 +242,11 @@ unsafe fn rows<B: Element, const Q8: bool, const K: bool, const V: bool>(
 /// As for [`run`]: `st` and `s` are the head's state and scores in scratch, `kp[..n]` its
 /// rows of the chunk, `c0 + n <= len`.
 #[inline(always)]
-unsafe fn k_phase<S: Simd, B: Element>(
+unsafe fn k_phase<S: Simd, R: Row>(
     a: &TaskArgs<'_>,
     st: HeadState,
     s: *mut f32,
-    kp: &[*const B; CHUNK],
+    kp: &[R; CHUNK],
     j: usize,
     c0: usize,
     n: usize,
@@ -287,9 +259,9 @@ unsafe fn k_phase<S: Simd, B: Element>(
     unsafe {
         let q = a.q.add(h0 * a.q_head_stride);
         if S::LANES >= 16 {
-            score_heads::<S, B, 4, 4, 2, 8, 1, 16>(a, q, kp, n, s);
+            score_heads::<S, R, 4, 4, 2, 8, 1, 16>(a, q, kp, n, s);
         } else {
-            score_heads::<S, B, 4, 2, 2, 4, 1, 8>(a, q, kp, n, s);
+            score_heads::<S, R, 4, 2, 2, 4, 1, 8>(a, q, kp, n, s);
         }
         if let Some(rb) = a.bias {
             let qpos = (a.len - 1) as i64;
@@ -311,11 +283,11 @@ unsafe fn k_phase<S: Simd, B: Element>(
 /// # Safety
 /// As for [`k_phase`], with `vp[..n]` the head's V rows of the chunk.
 #[inline(always)]
-unsafe fn v_phase<S: Simd, B: Element>(
+unsafe fn v_phase<S: Simd, R: Row>(
     a: &TaskArgs<'_>,
     st: HeadState,
     s: *const f32,
-    vp: &[*const B; CHUNK],
+    vp: &[R; CHUNK],
     n: usize,
 ) {
     let (g, d) = (a.group, a.head_dim);
@@ -323,15 +295,15 @@ unsafe fn v_phase<S: Simd, B: Element>(
     unsafe {
         let mut h = 0;
         while h + 4 <= g {
-            accum::<S, B, 4>(st.o, s, h, vp, n, d);
+            accum::<S, R, 4>(st.o, s, h, vp, n, d);
             h += 4;
         }
         if h + 2 <= g {
-            accum::<S, B, 2>(st.o, s, h, vp, n, d);
+            accum::<S, R, 2>(st.o, s, h, vp, n, d);
             h += 2;
         }
         if h < g {
-            accum::<S, B, 1>(st.o, s, h, vp, n, d);
+            accum::<S, R, 1>(st.o, s, h, vp, n, d);
         }
     }
 }
@@ -395,22 +367,86 @@ unsafe fn softmax_chunk<S: Simd>(st: HeadState, s: *mut f32, n: usize, g: usize,
     }
 }
 
-/// Dequantizes a row of `nb` Q8_0 blocks at `src` into `nb · 32` floats at `dst`
-/// (`q · d`, exactly as `BlockQ8_0::dequantize_block`).
-#[inline(always)]
-unsafe fn dequant_row(src: *const BlockQ8_0, nb: usize, dst: *mut f32) {
-    for b in 0..nb {
-        // SAFETY: the caller guarantees `nb` readable blocks and `nb · 32` writable floats.
+/// One stored K or V row, read as f32 vectors straight from the store.
+///
+/// # Safety
+/// Implementations read only elements `c .. c + LANES` (or `c`) of the row they point at.
+pub(crate) unsafe trait Row: Copy {
+    /// A placeholder, never read.
+    const NULL: Self;
+    /// The row at element offset `off` of the store (in units of the store's element: a
+    /// value, or a Q8_0 block).
+    ///
+    /// # Safety
+    /// `off` is a row start inside the store.
+    unsafe fn at(store: *const u8, off: usize) -> Self;
+    /// Elements `c .. c + LANES` as f32 (`c` a multiple of `LANES`, `c + LANES <= head_dim`).
+    ///
+    /// # Safety
+    /// `S`'s ISA is available and the row has `head_dim` elements.
+    unsafe fn vec<S: Simd>(self, c: usize) -> S::V;
+    /// Element `c` as f32.
+    ///
+    /// # Safety
+    /// `c < head_dim`.
+    unsafe fn elem(self, c: usize) -> f32;
+}
+
+/// A row of f32 or f16 values.
+#[derive(Clone, Copy)]
+pub(crate) struct Plain<B>(*const B);
+
+// SAFETY: reads `LANES` (or one) of the row's own elements.
+unsafe impl<B: Element> Row for Plain<B> {
+    const NULL: Self = Plain(std::ptr::null());
+    #[inline(always)]
+    unsafe fn at(store: *const u8, off: usize) -> Self {
+        // SAFETY: caller contract.
+        Plain(unsafe { store.cast::<B>().add(off) })
+    }
+    #[inline(always)]
+    unsafe fn vec<S: Simd>(self, c: usize) -> S::V {
+        // SAFETY: caller contract.
+        unsafe { load_as_f32::<S, B>(self.0.add(c)) }
+    }
+    #[inline(always)]
+    unsafe fn elem(self, c: usize) -> f32 {
+        // SAFETY: caller contract.
+        unsafe { (*self.0.add(c)).to_f32() }
+    }
+}
+
+/// A row of `ceil(head_dim / 32)` Q8_0 blocks, dequantized as it is read: `q · d`, exactly
+/// as [`BlockQ8_0::dequantize_block`] (an i8 times an f16 is exact in f32). A vector of
+/// `LANES` (4, 8 or 16, dividing 32) elements never straddles two blocks.
+#[derive(Clone, Copy)]
+pub(crate) struct Q8Row(*const BlockQ8_0);
+
+const _: () = assert!(QK.is_multiple_of(16));
+
+// SAFETY: element `c` is byte `c % 32` of block `c / 32`'s quants, inside the row's
+// `ceil(head_dim / 32)` blocks for `c < head_dim`; a vector stays inside one block.
+unsafe impl Row for Q8Row {
+    const NULL: Self = Q8Row(std::ptr::null());
+    #[inline(always)]
+    unsafe fn at(store: *const u8, off: usize) -> Self {
+        // SAFETY: caller contract.
+        Q8Row(unsafe { store.cast::<BlockQ8_0>().add(off) })
+    }
+    #[inline(always)]
+    unsafe fn vec<S: Simd>(self, c: usize) -> S::V {
+        // SAFETY: caller contract; see the impl's comment.
         unsafe {
-            // Local copies, so that the compiler sees no aliasing and vectorizes the
-            // widening (the function is inlined into the ISA's entry point).
-            let blk: BlockQ8_0 = src.add(b).read();
-            let dd = blk.d.to_f32();
-            let mut tmp = [0.0f32; QK];
-            for (y, &q) in tmp.iter_mut().zip(&blk.qs) {
-                *y = q as f32 * dd;
-            }
-            std::ptr::copy_nonoverlapping(tmp.as_ptr(), dst.add(b * QK), QK);
+            let b = &*self.0.add(c / QK);
+            S::mul(S::load_i8(b.qs.as_ptr().add(c % QK)), S::splat_f16(b.d))
+        }
+    }
+    #[inline(always)]
+    unsafe fn elem(self, c: usize) -> f32 {
+        // SAFETY: caller contract.
+        unsafe {
+            let b = &*self.0.add(c / QK);
+            f32::from(b.qs[c % QK]) * b.d.to_f32()
         }
     }
 }
@@ -423,7 +459,7 @@ unsafe fn dequant_row(src: *const BlockQ8_0, nb: usize, dst: *mut f32) {
 #[inline(always)]
 unsafe fn score_heads<
     S: Simd,
-    B: Element,
+    R: Row,
     const H1: usize,
     const K1: usize,
     const H2: usize,
@@ -433,7 +469,7 @@ unsafe fn score_heads<
 >(
     a: &TaskArgs<'_>,
     q: *const f32,
-    kp: &[*const B; CHUNK],
+    kp: &[R; CHUNK],
     n: usize,
     s: *mut f32,
 ) {
@@ -442,15 +478,15 @@ unsafe fn score_heads<
     unsafe {
         let mut h = 0;
         while h + H1 <= g {
-            score_rows::<S, B, H1, K1>(a, q, h, kp, n, s);
+            score_rows::<S, R, H1, K1>(a, q, h, kp, n, s);
             h += H1;
         }
         if h + H2 <= g {
-            score_rows::<S, B, H2, K2>(a, q, h, kp, n, s);
+            score_rows::<S, R, H2, K2>(a, q, h, kp, n, s);
             h += H2;
         }
         while h < g {
-            score_rows::<S, B, H3, K3>(a, q, h, kp, n, s);
+            score_rows::<S, R, H3, K3>(a, q, h, kp, n, s);
             h += H3;
         }
     }
@@ -459,11 +495,11 @@ unsafe fn score_heads<
 /// Scores of query heads `h .. h + HT` against the chunk's `n` keys, `KT` keys per tile
 /// (then one at a time): `s[i·CHUNK + j] = scale · q_i · k_j`.
 #[inline(always)]
-unsafe fn score_rows<S: Simd, B: Element, const HT: usize, const KT: usize>(
+unsafe fn score_rows<S: Simd, R: Row, const HT: usize, const KT: usize>(
     a: &TaskArgs<'_>,
     q: *const f32,
     h: usize,
-    kp: &[*const B; CHUNK],
+    kp: &[R; CHUNK],
     n: usize,
     s: *mut f32,
 ) {
@@ -476,9 +512,9 @@ unsafe fn score_rows<S: Simd, B: Element, const HT: usize, const KT: usize>(
         }
         let mut j = 0;
         while j + KT <= n {
-            let mut ks = [std::ptr::null::<B>(); KT];
+            let mut ks = [R::NULL; KT];
             ks.copy_from_slice(&kp[j..j + KT]);
-            let r = dots::<S, B, HT, KT>(&qs, &ks, a.head_dim);
+            let r = dots::<S, R, HT, KT>(&qs, &ks, a.head_dim);
             for i in 0..HT {
                 for t in 0..KT {
                     *s.add((h + i) * CHUNK + j + t) = r[i * KT + t] * a.scale;
@@ -487,7 +523,7 @@ unsafe fn score_rows<S: Simd, B: Element, const HT: usize, const KT: usize>(
             j += KT;
         }
         while j < n {
-            let r = dots::<S, B, HT, 1>(&qs, &[kp[j]], a.head_dim);
+            let r = dots::<S, R, HT, 1>(&qs, &[kp[j]], a.head_dim);
             for (i, &ri) in r.iter().take(HT).enumerate() {
                 *s.add((h + i) * CHUNK + j) = ri * a.scale;
             }
@@ -499,9 +535,9 @@ unsafe fn score_rows<S: Simd, B: Element, const HT: usize, const KT: usize>(
 /// The `HT × KT` (at most 16) dot products of query rows `qs` with key rows `ks` (`d`
 /// elements each), row-major in the first `HT·KT` entries.
 #[inline(always)]
-unsafe fn dots<S: Simd, B: Element, const HT: usize, const KT: usize>(
+unsafe fn dots<S: Simd, R: Row, const HT: usize, const KT: usize>(
     qs: &[*const f32; HT],
-    ks: &[*const B; KT],
+    ks: &[R; KT],
     d: usize,
 ) -> [f32; 16] {
     const { assert!(HT * KT <= 16 && (KT < KGROUP || KT.is_multiple_of(KGROUP))) };
@@ -524,7 +560,7 @@ unsafe fn dots<S: Simd, B: Element, const HT: usize, const KT: usize>(
             let mut c = 0;
             while c < full {
                 for t in t0..t0 + kg {
-                    let kv = load_as_f32::<S, B>(ks[t].add(c));
+                    let kv = ks[t].vec::<S>(c);
                     for i in 0..HT {
                         acc[i * KT + t] = S::fma(S::load(qs[i].add(c)), kv, acc[i * KT + t]);
                     }
@@ -540,7 +576,7 @@ unsafe fn dots<S: Simd, B: Element, const HT: usize, const KT: usize>(
                 for t in 0..KT {
                     let mut x = r[i * KT + t];
                     for cc in full..d {
-                        x += *qs[i].add(cc) * (*ks[t].add(cc)).to_f32();
+                        x += *qs[i].add(cc) * ks[t].elem(cc);
                     }
                     r[i * KT + t] = x;
                 }
@@ -555,11 +591,11 @@ unsafe fn dots<S: Simd, B: Element, const HT: usize, const KT: usize>(
 /// keys at a time into separate accumulators where registers allow (two FMA chains, added
 /// at the end of the chunk), then scalar columns.
 #[inline(always)]
-unsafe fn accum<S: Simd, B: Element, const HT: usize>(
+unsafe fn accum<S: Simd, R: Row, const HT: usize>(
     o: *mut f32,
     s: *const f32,
     h: usize,
-    vp: &[*const B; CHUNK],
+    vp: &[R; CHUNK],
     n: usize,
     d: usize,
 ) {
@@ -582,9 +618,9 @@ unsafe fn accum<S: Simd, B: Element, const HT: usize>(
                 if HT * $dv <= acc_max {
                     while c + $dv * l <= d {
                         if 2 * HT * $dv <= acc_max {
-                            accum_block::<S, B, HT, $dv, 2>(&os, &ps, vp, n, c);
+                            accum_block::<S, R, HT, $dv, 2>(&os, &ps, vp, n, c);
                         } else {
-                            accum_block::<S, B, HT, $dv, 1>(&os, &ps, vp, n, c);
+                            accum_block::<S, R, HT, $dv, 1>(&os, &ps, vp, n, c);
                         }
                         c += $dv * l;
                     }
@@ -599,7 +635,7 @@ unsafe fn accum<S: Simd, B: Element, const HT: usize>(
             for i in 0..HT {
                 let mut x = *os[i].add(cc);
                 for (j, v) in vp.iter().enumerate().take(n) {
-                    x += *ps[i].add(j) * (*v.add(cc)).to_f32();
+                    x += *ps[i].add(j) * v.elem(cc);
                 }
                 *os[i].add(cc) = x;
             }
@@ -610,10 +646,10 @@ unsafe fn accum<S: Simd, B: Element, const HT: usize>(
 /// One register tile of [`accum`]: columns `c .. c + DV·LANES` of `HT` accumulator rows,
 /// keys taken `KU` (1 or 2) at a time into `KU` sets of accumulators.
 #[inline(always)]
-unsafe fn accum_block<S: Simd, B: Element, const HT: usize, const DV: usize, const KU: usize>(
+unsafe fn accum_block<S: Simd, R: Row, const HT: usize, const DV: usize, const KU: usize>(
     os: &[*mut f32; HT],
     ps: &[*const f32; HT],
-    vp: &[*const B; CHUNK],
+    vp: &[R; CHUNK],
     n: usize,
     c: usize,
 ) {
@@ -632,7 +668,7 @@ unsafe fn accum_block<S: Simd, B: Element, const HT: usize, const DV: usize, con
                 let row = vp[j + u];
                 let mut vv = [S::zero(); DV];
                 for (v, x) in vv.iter_mut().enumerate() {
-                    *x = load_as_f32::<S, B>(row.add(c + v * l));
+                    *x = row.vec::<S>(c + v * l);
                 }
                 for i in 0..HT {
                     let p = S::splat(*ps[i].add(j + u));
@@ -648,7 +684,7 @@ unsafe fn accum_block<S: Simd, B: Element, const HT: usize, const DV: usize, con
             for i in 0..HT {
                 let p = S::splat(*ps[i].add(j));
                 for (v, x) in acc[0][i].iter_mut().enumerate() {
-                    *x = S::fma(p, load_as_f32::<S, B>(row.add(c + v * l)), *x);
+                    *x = S::fma(p, row.vec::<S>(c + v * l), *x);
                 }
             }
         }

@@ -42,8 +42,8 @@
 //! then their V halves are read front to back, as close to contiguous storage as the block
 //! table allows. A task walks the keys in chunks
 //! of [`CHUNK`] (at absolute key positions, whatever the page size): vector dot products of
-//! the chunk's K rows with the group's queries (f16 widened on the fly, Q8_0 chunks
-//! dequantized into an L1-resident buffer, exactly), reduced a register tile at a time by a
+//! the chunk's K rows with the group's queries (f16 widened and Q8_0 dequantized, exactly, a
+//! vector at a time as the rows are loaded), reduced a register tile at a time by a
 //! transposing add tree, the chunk maximum, an online-softmax rescale with a vectorized
 //! `exp`, and the weighted sum of the V rows into register-blocked accumulators (two keys
 //! at a time into two sets where registers allow). Partitions of a long sequence run as

@@ -108,6 +108,16 @@ unsafe impl Simd for Avx2 {
         }
     }
     #[inline(always)]
+    unsafe fn load_i8(p: *const i8) -> __m256 {
+        // SAFETY: 8 readable bytes; AVX2 is available.
+        unsafe { _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(p.cast()))) }
+    }
+    #[inline(always)]
+    unsafe fn splat_f16(x: f16) -> __m256 {
+        // SAFETY: F16C is available.
+        unsafe { _mm256_cvtph_ps(_mm_set1_epi16(x.to_bits() as i16)) }
+    }
+    #[inline(always)]
     unsafe fn load_f16(p: *const f16) -> __m256 {
         // SAFETY: 8 readable halves (16 bytes); F16C is available.
         unsafe { _mm256_cvtph_ps(_mm_loadu_si128(p.cast())) }

@@ -151,6 +151,16 @@ unsafe impl Simd for Avx512 {
         unsafe { _mm_prefetch::<_MM_HINT_T0>(p.cast()) }
     }
     #[inline(always)]
+    unsafe fn load_i8(p: *const i8) -> __m512 {
+        // SAFETY: 16 readable bytes; AVX-512F is available.
+        unsafe { _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p.cast()))) }
+    }
+    #[inline(always)]
+    unsafe fn splat_f16(x: f16) -> __m512 {
+        // SAFETY: AVX-512F has the 512-bit vcvtph2ps.
+        unsafe { _mm512_cvtph_ps(_mm256_set1_epi16(x.to_bits() as i16)) }
+    }
+    #[inline(always)]
     unsafe fn load_f16(p: *const f16) -> __m512 {
         // SAFETY: 16 readable halves (32 bytes); AVX-512F has the 512-bit vcvtph2ps.
         unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(p.cast())) }

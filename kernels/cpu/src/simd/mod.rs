@@ -68,6 +68,30 @@ pub(crate) unsafe trait Simd: Copy + Send + Sync + 'static {
     /// Loads `LANES` bf16 from `p` and widens them to f32 (exact).
     unsafe fn load_bf16(p: *const bf16) -> Self::V;
 
+    /// Loads `LANES` signed bytes from `p` as f32 (exact). The default goes through a
+    /// buffer; the x86 variants sign-extend and convert in registers.
+    ///
+    /// # Safety
+    /// `p` is valid for `LANES` reads.
+    #[inline(always)]
+    unsafe fn load_i8(p: *const i8) -> Self::V {
+        let mut buf = [0.0f32; 16];
+        for (i, x) in buf.iter_mut().take(Self::LANES).enumerate() {
+            // SAFETY: i < LANES (caller contract).
+            *x = unsafe { *p.add(i) } as f32;
+        }
+        // SAFETY: `buf` holds at least LANES floats.
+        unsafe { Self::load(buf.as_ptr()) }
+    }
+
+    /// `x` widened to f32 in every lane (exact), with the ISA's own f16 conversion.
+    #[inline(always)]
+    unsafe fn splat_f16(x: f16) -> Self::V {
+        let buf = [x; 16];
+        // SAFETY: `buf` holds at least LANES halves.
+        unsafe { Self::load_f16(buf.as_ptr()) }
+    }
+
     /// `out[i] = Σ lanes of v[i]` for every vector of `v`. The default adds each vector on
     /// its own ([`Simd::reduce_sum`]); the x86 variants override it with a transposing add
     /// tree when `v` holds exactly `LANES` vectors (about 3 operations per vector instead of
@@ -200,6 +224,23 @@ mod tests {
         }
         assert_eq!(buf[0], 1.0);
         check_reduce_sums::<S>();
+        check_widening::<S>();
+    }
+
+    /// `load_i8` and `splat_f16` widen exactly, every lane (including -128 and 127, and an
+    /// f16 that is not a small integer).
+    fn check_widening<S: Simd>() {
+        let bytes: [i8; 16] = [-128, 127, -1, 0, 1, 5, -77, 64, 3, -3, 100, -100, 9, -9, 42, -42];
+        let mut buf = [0.0f32; 16];
+        // SAFETY: 16 readable bytes, 16 writable floats; the ISA is available (caller).
+        unsafe { S::store(buf.as_mut_ptr(), S::load_i8(bytes.as_ptr())) };
+        for i in 0..S::LANES {
+            assert_eq!(buf[i], f32::from(bytes[i]), "lane {i}");
+        }
+        let h = f16::from_f32(-0.3337);
+        // SAFETY: as above.
+        unsafe { S::store(buf.as_mut_ptr(), S::splat_f16(h)) };
+        assert!(buf[..S::LANES].iter().all(|&x| x == h.to_f32()));
     }
 
     /// `reduce_sums` of `LANES` vectors (the tree) and of fewer (the loop): every lane of
