@@ -230,7 +230,9 @@ mod tests {
     /// `load_i8` and `splat_f16` widen exactly, every lane (including -128 and 127, and an
     /// f16 that is not a small integer).
     fn check_widening<S: Simd>() {
-        let bytes: [i8; 16] = [-128, 127, -1, 0, 1, 5, -77, 64, 3, -3, 100, -100, 9, -9, 42, -42];
+        let bytes: [i8; 16] = [
+            -128, 127, -1, 0, 1, 5, -77, 64, 3, -3, 100, -100, 9, -9, 42, -42,
+        ];
         let mut buf = [0.0f32; 16];
         // SAFETY: 16 readable bytes, 16 writable floats; the ISA is available (caller).
         unsafe { S::store(buf.as_mut_ptr(), S::load_i8(bytes.as_ptr())) };
