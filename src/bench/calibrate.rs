@@ -3,6 +3,10 @@
 //! * FMA peak: a tight loop of independent fused multiply-adds (enough accumulators to cover
 //!   the FMA latency on two pipes), on one thread and on N threads at once (rates summed).
 //!   GFLOP/s = 2 x lanes x FMAs / seconds.
+//! * int8 dot-product peak: the same for the quantized kernels' inner operation, u8 × s8
+//!   products summed into i32 lanes (`vpdpbusd` with AVX-512 VNNI, `vpmaddubsw` +
+//!   `vpmaddwd` + `vpaddd` with AVX2), GOP/s = 2 x products / seconds; the quant rows are
+//!   held to it instead of the f32 FMA peak.
 //! * Memory read bandwidth: a vectorized reduction over a buffer far larger than the last-level
 //!   cache, best of several passes, on one thread and on N threads (each its own slice).
 
@@ -27,6 +31,11 @@ pub struct Calibration {
     pub fma_kernel: String,
     /// FMA peak, GFLOP/s, per thread count.
     pub fma: Vec<Point>,
+    /// The int8 dot-product loop that gave the int8 peak, if this CPU has one.
+    pub int8_kernel: Option<String>,
+    /// int8 dot-product peak, GOP/s (a product and its addition count 2), per thread count;
+    /// empty without an int8 loop.
+    pub int8: Vec<Point>,
     /// Size of the buffer read for the bandwidth, bytes.
     pub buffer_bytes: usize,
     /// Memory read bandwidth, GB/s (1e9 bytes), per thread count.
@@ -48,33 +57,16 @@ impl Calibration {
         // Many short trials, best kept: on a shared machine some trial runs unhindered.
         let fma_target = Duration::from_millis(if quick { 15 } else { 30 });
         let trials = if quick { 3 } else { 8 };
-        // Pick the best FMA loop on one thread, then run it on every thread count.
-        let (kernel, single) = fma_kernels()
-            .into_iter()
-            .map(|k| {
-                let iters = k.iters_for(fma_target);
-                let rate = (0..trials)
-                    .map(|_| k.rate_on_threads(1, iters))
-                    .fold(0.0, f64::max);
-                (k, rate)
-            })
-            .max_by(|a, b| a.1.total_cmp(&b.1))
+        let (kernel, mut fma) = best_loop(fma_kernels(), &counts, fma_target, trials)
             .expect("the scalar FMA loop always exists");
-        let iters = kernel.iters_for(fma_target);
-        let mut fma: Vec<Point> = counts
-            .iter()
-            .map(|&t| Point {
-                threads: t,
-                value: if t == 1 {
-                    single
-                } else {
-                    (0..trials)
-                        .map(|_| kernel.rate_on_threads(t, iters))
-                        .fold(0.0, f64::max)
-                },
-            })
-            .collect();
         at_least_per_thread_share(&mut fma);
+        let (int8_kernel, int8) = match best_loop(int8_kernels(), &counts, fma_target, trials) {
+            Some((k, mut pts)) => {
+                at_least_per_thread_share(&mut pts);
+                (Some(k.name.to_string()), pts)
+            }
+            None => (None, Vec::new()),
+        };
 
         let buffer_bytes: usize = if quick { 256 << 20 } else { 1 << 30 };
         let passes = if quick { 2 } else { 4 };
@@ -93,6 +85,8 @@ impl Calibration {
         Calibration {
             fma_kernel: kernel.name.to_string(),
             fma,
+            int8_kernel,
+            int8,
             buffer_bytes,
             bandwidth,
             seconds: start.elapsed().as_secs_f64(),
@@ -103,6 +97,12 @@ impl Calibration {
     /// from the nearest measured one below (FMA throughput scales linearly with cores).
     pub fn peak_gflops(&self, threads: usize) -> f64 {
         lookup(&self.fma, threads, true)
+    }
+
+    /// int8 dot-product peak in GOP/s for `threads` threads (estimated as for
+    /// [`Calibration::peak_gflops`]), or `None` where this CPU has no int8 loop.
+    pub fn peak_int8_gops(&self, threads: usize) -> Option<f64> {
+        (!self.int8.is_empty()).then(|| lookup(&self.int8, threads, true))
     }
 
     /// Memory read bandwidth in GB/s for `threads` threads. Counts that were not measured take
@@ -122,8 +122,12 @@ impl Calibration {
                 .collect::<Vec<_>>()
                 .join(", ")
         };
+        let int8 = match &self.int8_kernel {
+            Some(k) => format!("\n  int8 dot peak ({k}): {}", list(&self.int8, "GOP/s")),
+            None => String::new(),
+        };
         format!(
-            "calibration ({:.1} s)\n  FMA peak ({}): {}\n  read bandwidth ({} MiB buffer): {}",
+            "calibration ({:.1} s)\n  FMA peak ({}): {}{int8}\n  read bandwidth ({} MiB buffer): {}",
             self.seconds,
             self.fma_kernel,
             list(&self.fma, "GFLOP/s"),
@@ -143,6 +147,41 @@ fn at_least_per_thread_share(fma: &mut [Point]) {
     for p in fma.iter_mut().filter(|p| p.threads == 1) {
         p.value = p.value.max(share);
     }
+}
+
+/// The loop of `loops` with the best one-thread rate (many short trials, best kept: on a
+/// shared machine some trial runs unhindered), and its rate on every count of `counts`.
+fn best_loop(
+    loops: Vec<FmaKernel>,
+    counts: &[usize],
+    target: Duration,
+    trials: usize,
+) -> Option<(FmaKernel, Vec<Point>)> {
+    let best_of = |k: &FmaKernel, t: usize, iters: u64| {
+        (0..trials)
+            .map(|_| k.rate_on_threads(t, iters))
+            .fold(0.0, f64::max)
+    };
+    let (kernel, single) = loops
+        .into_iter()
+        .map(|k| {
+            let rate = best_of(&k, 1, k.iters_for(target));
+            (k, rate)
+        })
+        .max_by(|a, b| a.1.total_cmp(&b.1))?;
+    let iters = kernel.iters_for(target);
+    let points = counts
+        .iter()
+        .map(|&t| Point {
+            threads: t,
+            value: if t == 1 {
+                single
+            } else {
+                best_of(&kernel, t, iters)
+            },
+        })
+        .collect();
+    Some((kernel, points))
 }
 
 fn lookup(points: &[Point], threads: usize, linear: bool) -> f64 {
@@ -247,6 +286,31 @@ fn fma_kernels() -> Vec<FmaKernel> {
     v
 }
 
+/// The int8 dot-product loops this CPU can run (none on other architectures: the quant rows
+/// then keep the FMA peak). `flops_per_iter` counts 2 operations per u8 × s8 product.
+fn int8_kernels() -> Vec<FmaKernel> {
+    #[allow(unused_mut)]
+    let mut v = Vec::new();
+    #[cfg(target_arch = "x86_64")]
+    {
+        if is_x86_feature_detected!("avx2") {
+            v.push(FmaKernel {
+                name: "avx2 vpmaddubsw+vpmaddwd+vpaddd, 8 accumulators x 32 products",
+                flops_per_iter: 2.0 * 32.0 * x86::INT8_AVX2_ACC as f64,
+                run: x86::run_int8_avx2,
+            });
+        }
+        if is_x86_feature_detected!("avx512bw") && is_x86_feature_detected!("avx512vnni") {
+            v.push(FmaKernel {
+                name: "avx512 vnni vpdpbusd, 12 accumulators x 64 products",
+                flops_per_iter: 2.0 * 64.0 * x86::INT8_VNNI_ACC as f64,
+                run: x86::run_int8_vnni,
+            });
+        }
+    }
+    v
+}
+
 /// Expands `$body` once per accumulator name (a hand-unrolled loop body).
 macro_rules! each {
     ($($acc:ident),* => $body:ident) => { $( $body!($acc); )* };
@@ -304,6 +368,81 @@ mod x86 {
         assert!(is_x86_feature_detected!("avx512f"));
         // SAFETY: the CPU has AVX-512F (checked above).
         unsafe { fma_avx512(iters) }
+    }
+
+    /// Accumulators of the int8 loops: AVX2 needs 2 temporaries and 3 constants of its 16
+    /// ymm registers; `vpdpbusd` has latency 4-5 on 1-2 pipes.
+    pub const INT8_AVX2_ACC: usize = 8;
+    pub const INT8_VNNI_ACC: usize = 12;
+
+    /// The byte vectors of the int8 loops: every u8 and every s8 is 1 (hidden from the
+    /// optimizer), so each i32 lane gains exactly 4 per step.
+    fn ones() -> i32 {
+        std::hint::black_box(0x0101_0101)
+    }
+
+    pub fn run_int8_avx2(iters: u64) -> f32 {
+        assert!(is_x86_feature_detected!("avx2"));
+        // SAFETY: the CPU has AVX2 (checked above).
+        unsafe { int8_avx2(iters) }
+    }
+
+    pub fn run_int8_vnni(iters: u64) -> f32 {
+        assert!(is_x86_feature_detected!("avx512bw") && is_x86_feature_detected!("avx512vnni"));
+        // SAFETY: the CPU has AVX-512 BW and VNNI (checked above).
+        unsafe { int8_vnni(iters) }
+    }
+
+    /// The AVX2 int8 dot step of the quant kernels: `vpmaddubsw` (u8 × s8 pairs to i16),
+    /// `vpmaddwd` by ones (pairs to i32), `vpaddd`. Returns the sum of all lanes.
+    #[target_feature(enable = "avx2")]
+    fn int8_avx2(iters: u64) -> f32 {
+        let w = _mm256_set1_epi32(ones());
+        let x = _mm256_set1_epi32(ones());
+        let one16 = _mm256_set1_epi16(std::hint::black_box(1));
+        let mut acc = [_mm256_setzero_si256(); INT8_AVX2_ACC];
+        let mut x = x;
+        for _ in 0..iters {
+            for a in &mut acc {
+                // `x` is laundered through an empty asm block before every use, so the
+                // compiler can neither hoist the loop-invariant products out of the loop nor
+                // share one product between the accumulators (it did both without this: the
+                // loop ran only its adds and "measured" 1.7 TOP/s).
+                // SAFETY: the asm is empty; it only makes `x` opaque.
+                unsafe {
+                    std::arch::asm!("/* {0} */", inout(ymm_reg) x, options(nomem, nostack, preserves_flags));
+                }
+                let p = _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), one16);
+                *a = _mm256_add_epi32(*a, p);
+            }
+        }
+        let mut out = [0i32; 8];
+        let s = acc
+            .iter()
+            .fold(_mm256_setzero_si256(), |s, &a| _mm256_add_epi32(s, a));
+        // SAFETY: `out` holds 8 i32.
+        unsafe { _mm256_storeu_si256(out.as_mut_ptr().cast(), s) };
+        out.iter().map(|&v| v as f32).sum()
+    }
+
+    /// `vpdpbusd` chains on zmm registers. Returns the sum of all lanes.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    fn int8_vnni(iters: u64) -> f32 {
+        let w = _mm512_set1_epi32(ones());
+        let x = _mm512_set1_epi32(ones());
+        let mut acc = [_mm512_setzero_si512(); INT8_VNNI_ACC];
+        for _ in 0..iters {
+            for a in &mut acc {
+                *a = _mm512_dpbusd_epi32(*a, w, x);
+            }
+        }
+        let s = acc
+            .iter()
+            .fold(_mm512_setzero_si512(), |s, &a| _mm512_add_epi32(s, a));
+        let mut out = [0i32; 16];
+        // SAFETY: `out` holds 16 i32.
+        unsafe { _mm512_storeu_si512(out.as_mut_ptr().cast(), s) };
+        out.iter().map(|&v| v as f32).sum()
     }
 
     #[target_feature(enable = "avx2,fma")]
@@ -509,6 +648,8 @@ mod tests {
         Calibration {
             fma_kernel: "test".into(),
             fma: pts(fma),
+            int8_kernel: None,
+            int8: Vec::new(),
             buffer_bytes: 0,
             bandwidth: pts(bw),
             seconds: 0.0,
@@ -556,6 +697,21 @@ mod tests {
     }
 
     #[test]
+    fn int8_loops_do_all_their_products() {
+        // Every u8 and s8 is 1: each i32 lane gains 4 per step, so the lane sum is exactly
+        // 4 · iters · lanes · accumulators; a loop the optimizer shortened would fail.
+        for k in int8_kernels() {
+            let iters = 1000u64;
+            let products = k.flops_per_iter / 2.0;
+            assert_eq!((k.run)(iters) as f64, products * iters as f64, "{}", k.name);
+            assert!(k.rate_on_threads(2, 1 << 12) > 0.0);
+        }
+        let c = cal(&[(1, 1.0)], &[(1, 1.0)]);
+        assert_eq!(c.peak_int8_gops(1), None);
+        assert!(!c.summary().contains("int8"));
+    }
+
+    #[test]
     fn read_sum_is_exact() {
         let buf: Vec<u64> = (0..1003).collect();
         assert_eq!(read_sum(&buf), 1002 * 1003 / 2);
@@ -572,6 +728,11 @@ mod tests {
             "{s}"
         );
         assert!(s.contains("2 threads 30.5 GB/s"), "{s}");
+        let s = tests_support::fixed().summary();
+        assert!(
+            s.contains("int8 dot peak (fixed): 1 thread 400.0 GOP/s, 2 threads 800.0 GOP/s"),
+            "{s}"
+        );
     }
 }
 
@@ -590,6 +751,8 @@ pub(crate) mod tests_support {
         Calibration {
             fma_kernel: "fixed".into(),
             fma: pts([(1, 100.0), (2, 200.0)]),
+            int8_kernel: Some("fixed".into()),
+            int8: pts([(1, 400.0), (2, 800.0)]),
             buffer_bytes: 0,
             bandwidth: pts([(1, 20.0), (2, 25.0)]),
             seconds: 0.0,

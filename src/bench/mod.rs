@@ -72,8 +72,8 @@ pub static FAMILIES: &[Family] = &[
         name: "quant",
         peer: "peer",
         about: "C = A·Wᵀ, f32 A, Q8_0/Q4_0/Q4_K W [n,k] (GEMV: cold weights, GB/s of weight \
-                bytes); column B names the peer: deq = dequantize + Tessera f32 GEMM, candle = \
-                candle-core QMatMul",
+                bytes; GEMM: %peak of the int8 dot peak); column B names the peer: deq = \
+                dequantize + Tessera f32 GEMM, candle = candle-core QMatMul",
         cases: quant::cases,
     },
     Family {

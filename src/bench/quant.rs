@@ -25,7 +25,9 @@
 //! are the weight stream against the calibrated read bandwidth; each call reads the next of
 //! several copies of the weights (at least 3x the L3 in all), so the weights come from memory
 //! as in a real decode step, not from a cache warmed by the previous call. GEMM rows report
-//! GFLOP/s of `2·m·n·k` (bytes: weights, `A` and `C`).
+//! GFLOP/s of `2·m·n·k` (bytes: weights, `A` and `C`) and, as `%peak`, their fraction of the
+//! calibrated int8 dot-product peak (the kernels' work is u8 × s8 multiply-adds), not of the
+//! f32 FMA peak; on a CPU without an int8 calibration loop they stay on the FMA peak.
 //!
 //! Threads: Tessera, the GEMM of `deq` and its dequantization run in the case's rayon pool.
 //! candle has its own pool, sized once per process from `CANDLE_NUM_THREADS`. Unless that
@@ -607,10 +609,11 @@ fn run_case<W: BenchBlock>(
             (t, p, cp.name())
         }
     };
+    let work = work(shape, W::FORMAT);
     Ok(Row::new(
         id,
         isa.name(),
-        work(shape, W::FORMAT),
+        work,
         t.median,
         t.reps,
         ctx.calibration,
@@ -618,7 +621,8 @@ fn run_case<W: BenchBlock>(
             name: peer_name.into(),
             seconds: p.median,
         }),
-    ))
+    )
+    .on_int8_peak(work, ctx.calibration))
 }
 
 /// The elements the spot checks look at: the corners, then pseudo-random ones.

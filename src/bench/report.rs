@@ -167,6 +167,26 @@ impl Row {
     }
 }
 
+impl Row {
+    /// Holds the row to the calibrated int8 dot-product peak instead of the FMA peak: for the
+    /// quantized kernels, whose `work.flops` are u8 × s8 multiply-adds (2 operations each).
+    /// The bound is decided again against that peak; where the calibration has no int8 loop
+    /// the row is left as it is (on the FMA peak).
+    pub fn on_int8_peak(mut self, work: Work, cal: &Calibration) -> Row {
+        if let Some(peak) = cal.peak_int8_gops(self.threads) {
+            let bw = cal.bandwidth_gbs(self.threads);
+            let bound = work.bound(peak, bw);
+            self.peak_fraction = if bound == "memory" {
+                self.gbs / bw
+            } else {
+                self.gflops / peak
+            };
+            self.bound = bound.to_string();
+        }
+        self
+    }
+}
+
 /// Column widths of the table (kernel, shape, dtype, B, threads, ms, GFLOP/s, GB/s, %peak,
 /// bound, vs peer).
 const WIDTHS: [usize; 11] = [7, 16, 5, 5, 3, 11, 9, 8, 7, 7, 9];
@@ -293,6 +313,11 @@ mod tests {
                     value: 200.0,
                 },
             ],
+            int8_kernel: Some("test".into()),
+            int8: vec![Point {
+                threads: 1,
+                value: 400.0,
+            }],
             buffer_bytes: 1 << 30,
             bandwidth: vec![
                 Point {
@@ -341,6 +366,38 @@ mod tests {
         assert_eq!(r.peer_ratio, Some(1.5));
         assert_eq!(r.peer_seconds, Some(3.0));
         assert_eq!(r.peer.as_deref(), Some("gemm"));
+    }
+
+    #[test]
+    fn quant_rows_are_held_to_the_int8_peak() {
+        // 100 G int8 operations in 0.5 s = 200 GOP/s: 200% of the 1-thread FMA peak, 50% of
+        // the int8 peak (400 GOP/s).
+        let w = Work {
+            flops: 100e9,
+            bytes: 1e9,
+        };
+        let r = Row::new(&id(1), "avx512", w, 0.5, 5, &cal(), None);
+        assert_eq!(r.peak_fraction, 2.0);
+        let r = r.on_int8_peak(w, &cal());
+        assert_eq!((r.bound.as_str(), r.peak_fraction), ("compute", 0.5));
+        // 2 threads: extrapolated from the 1-thread point (800 GOP/s).
+        let r = Row::new(&id(2), "avx512", w, 0.5, 5, &cal(), None).on_int8_peak(w, &cal());
+        assert_eq!(r.peak_fraction, 0.25);
+        // Intensity 10 is compute-bound against the FMA balance (100 / 20 = 5) but memory-bound
+        // against the int8 one (400 / 20 = 20): the bound is decided again.
+        let w = Work {
+            flops: 10e9,
+            bytes: 1e9,
+        };
+        let r = Row::new(&id(1), "avx512", w, 0.1, 5, &cal(), None);
+        assert_eq!(r.bound, "compute");
+        let r = r.on_int8_peak(w, &cal());
+        assert_eq!((r.bound.as_str(), r.peak_fraction), ("memory", 0.5));
+        // No int8 loop: unchanged.
+        let mut c = cal();
+        c.int8.clear();
+        let r = Row::new(&id(1), "avx2", w, 0.1, 5, &c, None);
+        assert_eq!(r.clone().on_int8_peak(w, &c), r);
     }
 
     #[test]
