@@ -205,7 +205,7 @@ pub fn run(cfg: &Config, families: &[&'static Family]) -> Result<Outcome> {
              timings will be noisy"
         );
     }
-    eprintln!("calibrating (FMA peak, memory read bandwidth) ...");
+    eprintln!("calibrating (FMA peak, int8 dot peak, memory read bandwidth) ...");
     let calibration = Calibration::measure(&cfg.threads, cfg.quick);
     println!("{}", calibration.summary());
 

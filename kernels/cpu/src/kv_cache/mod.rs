@@ -38,7 +38,7 @@
 //! head, so each K and V row is read from memory once for the whole group; where a head's
 //! rows in a page are short (small blocks of a paged cache), one task takes several (by
 //! default all) key/value heads and walks each chunk's pages head after head: every head's K
-//! rows of the chunk, then every head's V rows (f16 / f32), so that the pages' K halves and
+//! rows of the chunk, then every head's V rows, so that the pages' K halves and
 //! then their V halves are read front to back, as close to contiguous storage as the block
 //! table allows. A task walks the keys in chunks
 //! of [`CHUNK`] (at absolute key positions, whatever the page size): vector dot products of
